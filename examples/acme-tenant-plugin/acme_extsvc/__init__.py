@@ -1,0 +1,1 @@
+"""An example extsvc plugin package."""

@@ -1,0 +1,45 @@
+"""extsvc: one Python process serving Envoy's ext_authz, ext_proc and rate-limit services.
+
+This module is the plugin-facing API; everything else is internal.
+"""
+
+from __future__ import annotations
+
+from extsvc.authz.model import (
+    CheckContext,
+    Decision,
+    Peer,
+    ResponseHeader,
+    ResponseHeaderAction,
+)
+from extsvc.errors import ConfigError, ExtsvcError, PluginError
+from extsvc.plugin.context import PluginContext, PluginMetrics
+from extsvc.plugin.markers import hookimpl, hookspec
+from extsvc.plugin.protocols import Authorizer, Closable, Startable
+from extsvc.plugin.records import AuthorizerType
+from extsvc.types import HeaderName, HeaderValue, Regex
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Authorizer",
+    "AuthorizerType",
+    "CheckContext",
+    "Closable",
+    "ConfigError",
+    "Decision",
+    "ExtsvcError",
+    "HeaderName",
+    "HeaderValue",
+    "Peer",
+    "PluginContext",
+    "PluginError",
+    "PluginMetrics",
+    "Regex",
+    "ResponseHeader",
+    "ResponseHeaderAction",
+    "Startable",
+    "__version__",
+    "hookimpl",
+    "hookspec",
+]

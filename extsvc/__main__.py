@@ -1,0 +1,3 @@
+from extsvc.cli import main
+
+raise SystemExit(main())

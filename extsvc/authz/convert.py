@@ -1,0 +1,346 @@
+"""ext_authz protobufs <-> the project's value objects. The only module importing them.
+
+References are to ../shared/reference/envoy-protocols.md (§1: ext_authz, §0.4: append semantics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from extsvc.authz.model import CheckContext, Decision, Peer, ResponseHeaderAction
+
+CheckRequest = external_auth_pb2.CheckRequest
+CheckResponse = external_auth_pb2.CheckResponse
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+
+_APPEND_ACTIONS = {
+    ResponseHeaderAction.APPEND: base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD,
+    ResponseHeaderAction.ADD_IF_ABSENT: base_pb2.HeaderValueOption.ADD_IF_ABSENT,
+    ResponseHeaderAction.OVERWRITE_IF_EXISTS: base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS,
+    ResponseHeaderAction.OVERWRITE: base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+}
+
+
+def to_check_context(request: Any) -> CheckContext:
+    """A :class:`CheckContext` over a CheckRequest; each field is read on first access."""
+    return _EnvoyCheckContext(request.attributes)
+
+
+class _EnvoyCheckContext(CheckContext):
+    """The lazy CheckContext: a step pays only for the fields it reads (most read two or three).
+
+    Unset slots raise AttributeError, which doubles as "not computed yet".
+    """
+
+    __slots__ = ("_attrs", "_http")
+
+    def __init__(self, attrs: Any) -> None:
+        self._attrs = attrs
+        self._http = attrs.request.http
+        self._policy = ""
+
+    @property
+    def method(self) -> str:
+        return str(self._http.method or self.headers.get(":method", ""))
+
+    def _split(self) -> None:
+        raw = self._http.path or self.headers.get(":path", "")
+        path, _, query = raw.partition("?")
+        self._path = path.partition("#")[0] or "/"
+        self._query = query.partition("#")[0]
+
+    @property
+    def path(self) -> str:
+        try:
+            return self._path
+        except AttributeError:
+            self._split()
+            return self._path
+
+    @property
+    def query(self) -> str:
+        try:
+            return self._query
+        except AttributeError:
+            self._split()
+            return self._query
+
+    @property
+    def host(self) -> str:
+        return str(self._http.host or self.headers.get(":authority", ""))
+
+    @property
+    def scheme(self) -> str:
+        return str(self._http.scheme or self.headers.get(":scheme", ""))
+
+    @property
+    def protocol(self) -> str:
+        return str(self._http.protocol)
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        try:
+            return self._headers
+        except AttributeError:
+            self._headers = _headers(self._http)
+            return self._headers
+
+    @property
+    def body(self) -> bytes | None:
+        try:
+            return self._body
+        except AttributeError:
+            http = self._http
+            self._body = http.raw_body or (http.body.encode("utf-8") if http.body else None)
+            return self._body
+
+    @property
+    def body_truncated(self) -> bool:
+        return self.headers.get(_PARTIAL_BODY_HEADER) == "true"
+
+    @property
+    def source(self) -> Peer:
+        try:
+            return self._source
+        except AttributeError:
+            self._source = _peer(self._attrs.source)
+            return self._source
+
+    @property
+    def destination(self) -> Peer:
+        try:
+            return self._destination
+        except AttributeError:
+            self._destination = _peer(self._attrs.destination)
+            return self._destination
+
+    @property
+    def tls_sni(self) -> str:
+        return str(self._attrs.tls_session.sni)
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("x-request-id", "")
+
+    @property
+    def stream_id(self) -> str:
+        return str(self._http.id)
+
+    @property
+    def context_extensions(self) -> Mapping[str, str]:
+        try:
+            return self._context_extensions
+        except AttributeError:
+            ext = self._attrs.context_extensions
+            self._context_extensions = MappingProxyType(dict(ext)) if ext else _EMPTY
+            return self._context_extensions
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        try:
+            return self._metadata
+        except AttributeError:
+            attrs = self._attrs
+            self._metadata = (
+                _filter_metadata(attrs.metadata_context)
+                if attrs.HasField("metadata_context") else _EMPTY
+            )
+            return self._metadata
+
+    @property
+    def route_metadata(self) -> Mapping[str, Any]:
+        try:
+            return self._route_metadata
+        except AttributeError:
+            attrs = self._attrs
+            self._route_metadata = (
+                _filter_metadata(attrs.route_metadata_context)
+                if attrs.HasField("route_metadata_context") else _EMPTY
+            )
+            return self._route_metadata
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+
+def bind_policy(request: CheckContext, name: str) -> None:
+    """Record the chosen policy's name on a request view built by :func:`to_check_context`."""
+    request._policy = name
+
+
+def _headers(http: Any) -> Mapping[str, str]:
+    # §1.1: `headers` (map, lower-case, duplicates comma-joined) unless encode_raw_headers is on,
+    # then `header_map` with raw values and no joining -- join them here so plugins see one shape.
+    if http.HasField("header_map") and len(http.header_map.headers):
+        joined: dict[str, str] = {}
+        for header in http.header_map.headers:
+            name = header.key.lower()
+            value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+            joined[name] = f"{joined[name]},{value}" if name in joined else value
+        return MappingProxyType(joined)
+    # The protobuf map itself, read-only behind a view: no copy per request.
+    return _HeaderView(http.headers)
+
+
+class _HeaderView(Mapping[str, str]):
+    """A read-only view of the protobuf ``headers`` map.
+
+    Not a MappingProxyType: indexing a protobuf map with a missing key *inserts* it, so
+    ``headers["x"]`` returned ``""`` instead of raising KeyError and ``"x" in headers`` was true
+    for every later step of the policy.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, proto_map: Any) -> None:
+        self._map = proto_map
+
+    def __getitem__(self, key: str) -> str:
+        if key in self._map:
+            return str(self._map[key])
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # no insert, one lookup
+        return self._map.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def __repr__(self) -> str:
+        return repr(dict(self._map))
+
+
+_NO_PEER = Peer()
+
+
+def _peer(peer: Any) -> Peer:
+    socket = peer.address.socket_address
+    address = socket.address
+    principal = peer.principal
+    if not (address or principal or peer.service):
+        return _NO_PEER
+    if not (principal or peer.certificate or peer.service or peer.labels):  # plaintext: common
+        return Peer(address, socket.port_value)
+    return Peer(
+        address=address,
+        port=socket.port_value,
+        principal=principal,
+        certificate=peer.certificate,
+        service=peer.service,
+        labels=MappingProxyType(dict(peer.labels)) if peer.labels else _EMPTY,
+    )
+
+
+def _filter_metadata(metadata: Any) -> Mapping[str, Any]:
+    if not metadata.filter_metadata:
+        return _EMPTY
+    return MappingProxyType(
+        {ns: struct_to_python(value) for ns, value in metadata.filter_metadata.items()}
+    )
+
+
+def struct_to_python(value: Any) -> Any:
+    """A protobuf Struct / Value / ListValue as plain Python (dict, list, str, float, bool, None)."""
+    if isinstance(value, struct_pb2.Struct):
+        return {k: struct_to_python(v) for k, v in value.fields.items()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [struct_to_python(v) for v in value.values]
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_python(value.struct_value)
+    if kind == "list_value":
+        return struct_to_python(value.list_value)
+    if kind == "null_value" or kind is None:
+        return None
+    return getattr(value, kind)
+
+
+def python_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(dict(data))
+    return struct
+
+
+def to_check_response(decision: Decision, *, envoy_error: bool = False) -> Any:
+    """A :class:`Decision` as the CheckResponse Envoy acts on (§1.2 decision table).
+
+    The response is remembered on the (immutable) decision, so constant decisions -- a step's
+    fixed denial, a cached token's allow -- are encoded once, not per request.
+    """
+    if envoy_error:
+        return _build_response(decision, envoy_error=True)
+    response = decision._wire
+    if response is None:
+        response = _build_response(decision, envoy_error=False)
+        object.__setattr__(decision, "_wire", response)
+    return response
+
+
+def _build_response(decision: Decision, *, envoy_error: bool) -> Any:
+    if decision.allowed:
+        return _ok_response(decision)
+    # §1.6 item 2: deny with a non-zero status.code, never by aborting the RPC.
+    response = CheckResponse(status=status_pb2.Status(code=decision.grpc_code or 7))
+    reply = response.error_response if envoy_error else response.denied_response
+    # An empty error_response must still be sent: without it Envoy sees a plain denial (403) and
+    # never applies status_on_error / failure_mode_allow (§1.2 decision table).
+    reply.SetInParent()
+    if not envoy_error:  # unset error_response.status -> Envoy's status_on_error
+        reply.status.code = decision.status
+    if decision.body:
+        reply.body = decision.body
+    for name, value in decision.headers:
+        # §0.4: on local replies leave `append` unset (append: true headers are dropped).
+        reply.headers.add().header.CopyFrom(base_pb2.HeaderValue(key=name, value=value))
+    return response
+
+
+def _ok_response(decision: Decision) -> Any:
+    response = CheckResponse(status=status_pb2.Status(code=0))
+    ok = response.ok_response
+    ok.SetInParent()
+    # §0.4: for request headers only the `append` bool counts in Envoy 1.40:
+    # false = overwrite or add; true = comma-append, and only if the header exists.
+    for name, value in decision.upstream_set:
+        option = ok.headers.add()
+        option.header.key = name
+        option.header.value = value
+        option.append.value = False
+    for name, value in decision.upstream_append:
+        option = ok.headers.add()
+        option.header.key = name
+        option.header.value = value
+        option.append.value = True
+    if decision.upstream_remove:
+        ok.headers_to_remove.extend(decision.upstream_remove)
+    for header in decision.response_headers:
+        option = ok.response_headers_to_add.add()
+        option.header.key = header.name
+        option.header.value = header.value
+        option.append_action = _APPEND_ACTIONS[header.action]
+    for key, value in decision.query_set:
+        param = ok.query_parameters_to_set.add()
+        param.key = key
+        param.value = value
+    if decision.query_remove:
+        ok.query_parameters_to_remove.extend(decision.query_remove)
+    if decision.metadata:
+        # §1.2: the outer dynamic_metadata, not the deprecated ok_response one (it would replace it)
+        response.dynamic_metadata.CopyFrom(python_to_struct(decision.metadata))
+    return response

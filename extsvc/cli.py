@@ -1,0 +1,157 @@
+"""``extsvc serve | validate FILE | plugins list``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from extsvc.errors import ConfigError, PluginError
+from extsvc.settings import Settings
+
+log = logging.getLogger("extsvc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="extsvc", description="Envoy extension server (ext_authz, ext_proc, rate limit)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path, help="policy file (default: the embedded demo)")
+    serve.add_argument("--grpc-address", help="host:port for gRPC (default 0.0.0.0:9001)")
+    serve.add_argument("--admin-address", help="host:port for /healthz /readyz /metrics "
+                       "(default 127.0.0.1:9002)")
+    serve.add_argument("--workers", type=int, help="processes sharing the gRPC port (default 1)")
+    serve.add_argument("--grace-period", dest="grace_period_s", type=float,
+                       help="seconds in-flight RPCs get on SIGTERM (default 10)")
+    serve.add_argument("--reload-interval", dest="reload_interval_s", type=float,
+                       help="seconds between config file checks (default 1)")
+    serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path)
+    serve.add_argument("--tls-key", dest="tls_key_file", type=Path)
+    serve.add_argument("--tls-client-ca", dest="tls_client_ca_file", type=Path,
+                       help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument("--log-level")
+    serve.add_argument("--log-format", choices=("text", "json"))
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+
+    validate = sub.add_parser("validate", help="check a policy file offline; exit 1 on problems")
+    validate.add_argument("file", type=Path)
+
+    plugins = sub.add_parser("plugins", help="plugin information")
+    plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
+    listing = plugins_sub.add_parser("list", help="what loaded and from where")
+    listing.add_argument("--json", action="store_true")
+
+    sub.add_parser("default-config", help="print the embedded demo config")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = set(Settings.model_fields)
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return Settings.load(overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args, list(sys.argv[2:] if argv is None else argv[1:]))
+        if args.command == "validate":
+            return asyncio.run(_validate(args.file))
+        if args.command == "plugins":
+            return _plugins_list(args.json)
+        if args.command == "default-config":
+            from extsvc.config.provider import embedded_default_config
+
+            sys.stdout.write(embedded_default_config())
+            return 0
+    except (ValidationError, ValueError) as exc:
+        print(f"extsvc: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except PluginError as exc:
+        print(f"extsvc: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _serve(args: argparse.Namespace, raw_args: list[str]) -> int:
+    from extsvc.observability import logging as extsvc_logging
+
+    settings = _settings(args)
+    extsvc_logging.configure(settings.log_level, settings.log_format, settings.redact_headers)
+    if settings.workers > 1 and not args.reuse_port:
+        from extsvc.supervisor import supervise
+
+        passthrough = _without_workers(raw_args)
+        return supervise(passthrough, settings.workers)
+
+    from extsvc.app import ExtsvcServer
+
+    try:
+        server = ExtsvcServer(settings, reuse_port=args.reuse_port)
+        asyncio.run(server.run())
+    except (PluginError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    return 0
+
+
+def _without_workers(raw: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for item in raw:
+        if skip:
+            skip = False
+            continue
+        if item == "--workers":
+            skip = True
+            continue
+        if item.startswith("--workers="):
+            continue
+        out.append(item)
+    return out
+
+
+async def _validate(path: Path) -> int:
+    from extsvc.config.compile import validate_file
+    from extsvc.plugin.host import PluginHost
+
+    settings = Settings.load()
+    host = PluginHost.create(allow=settings.plugins_allow, block=settings.plugins_block)
+    try:
+        runtime = await validate_file(path, host)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    await runtime.close()
+    names = ", ".join(sorted(runtime.policies)) or "none"
+    print(f"{path}: OK ({len(runtime.policies)} policies: {names}; "
+          f"default: {runtime.config.default_policy or 'none'})")
+    return 0
+
+
+def _plugins_list(as_json: bool) -> int:
+    from extsvc.plugin.host import PluginHost
+
+    settings = Settings.load()
+    host = PluginHost.create(allow=settings.plugins_allow, block=settings.plugins_block)
+    rows: list[dict[str, Any]] = [p.describe() for p in host.plugins]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        kinds = ", ".join(row["kinds"]) or "-"
+        print(f"{row['name']:<16} {row['source']:<36} kinds: {kinds}")
+        print(f"{'':<16} {row['location']}")
+    return 0

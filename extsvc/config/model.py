@@ -1,0 +1,124 @@
+"""The configuration file's schema: the contract between the server, the controller and the chart.
+
+Everything here is validated once, at load time. Plugin ``config`` blocks are kept as plain
+mappings by this model and validated against the plugin's own pydantic model when the policy is
+compiled (:mod:`extsvc.config.compile`), so an unknown plugin or a bad plugin field is reported
+with its full path (``policies.demo.steps[1].config.status``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from extsvc.types import HeaderName, HeaderValue
+
+#: The ``context_extensions`` key that selects a policy (kgateway's
+#: ``TrafficPolicy.extAuth.contextExtensions`` arrives there).
+POLICY_CONTEXT_KEY = "extsvc-policy"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Combine(StrEnum):
+    """How the answers of a policy's steps become one decision.
+
+    ``first-decisive``: steps run in order; the first step that allows or denies decides, a step
+    that abstains hands over to the next one. ``all-must-allow``: every step that answers must
+    allow (any deny decides at once), at least one must allow, and the mutations of all allowing
+    steps are merged in order. ``any-allow``: the first allow decides; if no step allows, the first
+    deny is the answer (so "jwt OR api-key" returns the JWT step's 401 when both fail).
+    """
+
+    FIRST_DECISIVE = "first-decisive"
+    ALL_MUST_ALLOW = "all-must-allow"
+    ANY_ALLOW = "any-allow"
+
+
+class OnError(StrEnum):
+    """What a policy answers when a step raises or overruns the deadline.
+
+    ``deny`` answers with the policy's ``error_reply``; ``allow`` lets the request through (and
+    says so in the log and the metrics); ``envoy`` answers with an ``error_response`` so that
+    Envoy's own ``failure_mode_allow`` / ``status_on_error`` decide.
+    """
+
+    DENY = "deny"
+    ALLOW = "allow"
+    ENVOY = "envoy"
+
+
+class Reply(_Model):
+    """A local reply Envoy sends to the client instead of forwarding the request."""
+
+    status: int = Field(403, ge=200, le=599, description="HTTP status of the reply")
+    body: str = ""
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+
+
+class Step(_Model):
+    """One step of an authorization policy: a plugin kind and its configuration."""
+
+    plugin: str = Field(min_length=1, description="the plugin kind, e.g. header-match")
+    name: str | None = Field(None, description="a label for logs; defaults to the plugin kind")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.plugin
+
+
+class AuthzPolicy(_Model):
+    """A named ext_authz policy: an ordered list of steps and how to combine their answers."""
+
+    steps: list[Step] = Field(min_length=1)
+    combine: Combine = Combine.FIRST_DECISIVE
+    on_error: OnError = OnError.DENY
+    default_reply: Reply = Field(
+        default_factory=lambda: Reply(status=403, body=""),
+        description="the denial sent when no step decides",
+    )
+    error_reply: Reply = Field(
+        default_factory=lambda: Reply(status=503, body=""),
+        description="the denial sent when a step fails and on_error is deny",
+    )
+    timeout_ms: int | None = Field(
+        None,
+        ge=1,
+        le=60_000,
+        description="upper bound for the whole policy; the RPC deadline applies too",
+    )
+
+
+class ExtsvcConfig(_Model):
+    """The whole configuration file."""
+
+    version: int = Field(1, ge=1, le=1)
+    default_policy: str | None = Field(
+        None, description="the policy used when neither context_extensions nor authority choose"
+    )
+    authority_policies: dict[str, str] = Field(
+        default_factory=dict,
+        description="map of gRPC :authority -> policy name, for authorities that are not "
+        "policy names themselves",
+    )
+    policies: dict[str, AuthzPolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> ExtsvcConfig:
+        if self.default_policy is not None and self.default_policy not in self.policies:
+            raise ValueError(
+                f"default_policy: {self.default_policy!r} is not one of policies "
+                f"({', '.join(sorted(self.policies)) or 'none defined'})"
+            )
+        for authority, policy in self.authority_policies.items():
+            if policy not in self.policies:
+                raise ValueError(
+                    f"authority_policies.{authority}: {policy!r} is not one of policies"
+                )
+        return self
+

@@ -1,0 +1,114 @@
+"""The compiled config serving requests, and the holder that swaps it atomically.
+
+A swap is one attribute assignment on the event loop, so a request sees either the old or the new
+runtime, never a mix. A retired runtime is closed once the requests that started on it are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from extsvc.config.model import POLICY_CONTEXT_KEY, ExtsvcConfig
+from extsvc.plugin.protocols import Closable
+
+if TYPE_CHECKING:
+    from extsvc.authz.pipeline import CompiledPolicy
+    from extsvc.observability.metrics import Metrics
+    from extsvc.plugin.protocols import Authorizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Runtime:
+    config: ExtsvcConfig
+    policies: Mapping[str, CompiledPolicy]
+    authorizers: tuple[Authorizer, ...]
+    generation: int
+    metrics: Metrics
+    inflight: int = 0
+    retired: bool = False
+    closed: bool = False
+    _closing: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def select(
+        self, context_extensions: Mapping[str, str], authority: str | Callable[[], str]
+    ) -> tuple[str, CompiledPolicy | None]:
+        """Pick the policy for a request: context_extensions, then :authority, then the default.
+
+        ``authority`` may be a callable, called only when context_extensions name no policy.
+        Returns the chosen name (for logs and metrics) and the policy, ``None`` if unknown.
+        """
+        name = context_extensions.get(POLICY_CONTEXT_KEY)
+        host = "" if name else authority if isinstance(authority, str) else authority()
+        if host:
+            name = self.config.authority_policies.get(host)
+            if name is None and host in self.policies:
+                name = host
+            if name is None:  # "policy:port" -> "policy"
+                bare = host.rsplit(":", 1)[0]
+                name = self.config.authority_policies.get(bare) or (
+                    bare if bare in self.policies else None
+                )
+        if not name:
+            name = self.config.default_policy or ""
+        return name, self.policies.get(name)
+
+    def enter(self) -> None:
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.retired and self.inflight == 0:
+            self._schedule_close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.inflight == 0:
+            self._schedule_close()
+
+    def _schedule_close(self) -> None:
+        if self._closing is None and not self.closed:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.close_authorizers(self.authorizers)
+
+    async def wait_closed(self) -> None:
+        if self._closing is not None:
+            await self._closing
+
+    @staticmethod
+    async def close_authorizers(authorizers: Iterable[Authorizer]) -> None:
+        for authorizer in authorizers:
+            if isinstance(authorizer, Closable):
+                try:
+                    await authorizer.aclose()
+                except Exception:  # one plugin failing to close must not leak the others
+                    log.exception("closing %s failed", type(authorizer).__name__)
+
+
+class RuntimeHolder:
+    """Holds the runtime serving now; ``None`` until the first good load."""
+
+    def __init__(self) -> None:
+        self.current: Runtime | None = None
+
+    def swap(self, runtime: Runtime) -> Runtime | None:
+        old, self.current = self.current, runtime
+        if old is not None:
+            old.retire()
+        return old
+
+    async def close(self) -> None:
+        runtime, self.current = self.current, None
+        if runtime is not None:
+            runtime.retire()
+            await runtime.wait_closed()

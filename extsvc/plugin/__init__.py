@@ -1,0 +1,1 @@
+"""The plugin system: pluggy for discovery and lifecycle, compiled objects for requests."""

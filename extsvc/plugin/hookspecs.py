@@ -1,0 +1,65 @@
+"""The hooks a plugin may implement.
+
+Registration hooks are synchronous and collected at start-up; lifecycle hooks may be
+``async def`` and are awaited in registration order. None of them is called per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from extsvc.plugin.markers import hookspec
+
+if TYPE_CHECKING:
+    from extsvc.plugin.records import AuthorizerType
+    from extsvc.settings import Settings
+
+
+class ExtsvcSpecs:
+    """Hook specifications of the ``extsvc`` project."""
+
+    @hookspec
+    def extsvc_register_authorizers(self) -> Iterable[AuthorizerType[Any]]:
+        """Return the ext_authz step kinds this plugin provides.
+
+        Called once at start-up; the results of all plugins are collected. Kind names must be
+        unique across plugins: a duplicate stops the server with both plugins named.
+
+        Example::
+
+            @hookimpl
+            def extsvc_register_authorizers():
+                yield AuthorizerType(name="tenant-header", config_model=TenantHeaderConfig,
+                                     factory=TenantHeader, description="allow known tenants")
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def extsvc_startup(self, settings: Settings) -> Any:
+        """Run once when the server starts, before the first config is loaded.
+
+        May be ``async def``; it is awaited. Raising stops the server (fail loudly).
+
+        Example::
+
+            @hookimpl
+            async def extsvc_startup(settings):
+                await shared_pool.connect()
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def extsvc_shutdown(self) -> Any:
+        """Run once when the server stops, after in-flight requests have finished.
+
+        May be ``async def``; it is awaited. Errors are logged and do not stop other plugins'
+        shutdown.
+
+        Example::
+
+            @hookimpl
+            async def extsvc_shutdown():
+                await shared_pool.close()
+        """
+        raise NotImplementedError

@@ -1,0 +1,209 @@
+"""The plugin host: the only place that talks to pluggy.
+
+It registers the built-in plugins from a fixed list and third-party plugins from the ``extsvc``
+entry-point group (honouring the allow and block lists), checks every hook implementation at
+start-up, and collects the step kinds into a plain registry that config compilation uses. The
+request path never sees the PluginManager.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Iterable, Sequence
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from extsvc.errors import PluginError
+from extsvc.plugin.hookspecs import ExtsvcSpecs
+from extsvc.plugin.markers import ENTRY_POINT_GROUP, PROJECT
+from extsvc.plugin.records import AuthorizerType, LoadedPlugin
+
+if TYPE_CHECKING:
+    from extsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Built-in plugins, registered in this order under the name on the left.
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("allow", "extsvc_plugins.allow"),
+    ("deny", "extsvc_plugins.deny"),
+    ("header-match", "extsvc_plugins.header_match"),
+    ("set-headers", "extsvc_plugins.set_headers"),
+)
+
+#: Hooks whose implementations must be plain functions (their results are collected).
+_SYNC_HOOKS = frozenset({"extsvc_register_authorizers"})
+
+
+class PluginHost:
+    """A typed facade over pluggy; build one per process with :meth:`create`."""
+
+    def __init__(self, pm: pluggy.PluginManager, loaded: list[LoadedPlugin]) -> None:
+        self._pm = pm
+        self._loaded = loaded
+        self.authorizers: dict[str, AuthorizerType[Any]] = {}
+        self._kind_owner: dict[str, str] = {}
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        allow: Sequence[str] | None = None,
+        block: Sequence[str] = (),
+        builtins: Iterable[tuple[str, str]] = BUILTIN_PLUGINS,
+        extra_plugins: Iterable[tuple[str, object]] = (),
+        load_entry_points: bool = True,
+    ) -> PluginHost:
+        """Register and check every plugin, then collect the kinds they provide.
+
+        :param allow: if given, only third-party plugins with these entry-point names load.
+        :param block: plugin names (built-in or entry point) that never load.
+        :param extra_plugins: ``(name, module_or_object)`` registered directly (tests, embedding).
+        :raises PluginError: import failure, misspelled hook, async impl of a sync hook,
+            duplicate kind name.
+        """
+        pm = pluggy.PluginManager(PROJECT)
+        pm.add_hookspecs(ExtsvcSpecs)
+        blocked = set(block)
+        for name in blocked:
+            pm.set_blocked(name)
+        loaded: list[LoadedPlugin] = []
+
+        for name, module_name in builtins:
+            if name in blocked:
+                log.info("built-in plugin %s is blocked", name)
+                continue
+            module = importlib.import_module(module_name)
+            cls._register(pm, name, module)
+            loaded.append(LoadedPlugin(name, "builtin", _location(module), ()))
+
+        if load_entry_points:
+            for ep in _entry_points():
+                if ep.name in blocked:
+                    log.info("plugin %s (entry point %s) is blocked", ep.name, ep.value)
+                    continue
+                if allow is not None and ep.name not in allow:
+                    log.info("plugin %s is not in the allow list; not loaded", ep.name)
+                    continue
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # any import failure must stop an auth server
+                    raise PluginError(
+                        f"entry point {ep.value!r} failed to import: {exc!r}", plugin=ep.name
+                    ) from exc
+                cls._register(pm, ep.name, plugin)
+                dist = ep.dist
+                source = (
+                    f"entry point ({dist.name} {dist.version})" if dist is not None else "entry point"
+                )
+                loaded.append(LoadedPlugin(ep.name, source, _location(plugin), ()))
+
+        for name, plugin in extra_plugins:
+            cls._register(pm, name, plugin)
+            loaded.append(LoadedPlugin(name, "embedded", _location(plugin), ()))
+
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            # the name it was registered under (entry-point or built-in name), as other errors use
+            plugin_name = pm.get_name(exc.plugin) or str(
+                getattr(exc.plugin, "__name__", repr(exc.plugin))
+            )
+            raise PluginError(f"implements an unknown hook: {exc}", plugin=plugin_name) from exc
+
+        host = cls(pm, loaded)
+        host._collect_authorizers()
+        return host
+
+    @staticmethod
+    def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:
+        if pm.get_plugin(name) is not None:
+            raise PluginError("a plugin with this name is already registered", plugin=name)
+        try:
+            pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(str(exc), plugin=name) from exc
+        for hook_caller in pm.get_hookcallers(plugin) or ():
+            firstresult = bool(hook_caller.spec and hook_caller.spec.opts.get("firstresult"))
+            for impl in hook_caller.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                is_async = inspect.iscoroutinefunction(impl.function) or (
+                    inspect.isasyncgenfunction(impl.function)
+                )
+                if is_async and (firstresult or hook_caller.name in _SYNC_HOOKS):
+                    pm.unregister(plugin)
+                    raise PluginError(
+                        f"{hook_caller.name} must not be async (its result is used directly)",
+                        plugin=name,
+                    )
+
+    def _collect_authorizers(self) -> None:
+        hook = self._pm.hook.extsvc_register_authorizers
+        kinds_by_plugin: dict[str, list[str]] = {}
+        for impl in hook.get_hookimpls():  # registration order
+            result: Iterable[object] = impl.function() or ()  # type: ignore[assignment]
+            for record in result:
+                if not isinstance(record, AuthorizerType):
+                    raise PluginError(
+                        f"extsvc_register_authorizers returned {type(record).__name__}, "
+                        "expected AuthorizerType",
+                        plugin=impl.plugin_name,
+                    )
+                owner = self._kind_owner.get(record.name)
+                if owner is not None:
+                    raise PluginError(
+                        f"authorizer kind {record.name!r} is already provided by plugin {owner!r}",
+                        plugin=impl.plugin_name,
+                    )
+                self.authorizers[record.name] = record
+                self._kind_owner[record.name] = impl.plugin_name
+                kinds_by_plugin.setdefault(impl.plugin_name, []).append(record.name)
+        self._loaded = [
+            LoadedPlugin(p.name, p.source, p.location, tuple(kinds_by_plugin.get(p.name, ())))
+            for p in self._loaded
+        ]
+
+    @property
+    def plugins(self) -> list[LoadedPlugin]:
+        """Every registered plugin, in registration order."""
+        return list(self._loaded)
+
+    def kind_owner(self, kind: str) -> str | None:
+        return self._kind_owner.get(kind)
+
+    async def startup(self, settings: Settings) -> None:
+        """Run every ``extsvc_startup`` hook; an error stops the server."""
+        for impl in self._pm.hook.extsvc_startup.get_hookimpls():
+            try:
+                result = impl.function(*[settings for _ in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # a plugin failing to start must stop the server
+                raise PluginError(f"extsvc_startup failed: {exc!r}", plugin=impl.plugin_name) from exc
+
+    async def shutdown(self) -> None:
+        """Run every ``extsvc_shutdown`` hook; errors are logged, the others still run."""
+        for impl in self._pm.hook.extsvc_shutdown.get_hookimpls():
+            try:
+                result = impl.function()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # isolate one plugin's shutdown failure from the others
+                log.exception("plugin %s: extsvc_shutdown failed", impl.plugin_name)
+
+
+def _entry_points() -> list[EntryPoint]:
+    return sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def _location(plugin: object) -> str:
+    if isinstance(plugin, ModuleType):
+        return str(getattr(plugin, "__file__", "") or plugin.__name__)
+    module = inspect.getmodule(plugin)
+    return str(getattr(module, "__file__", "") or type(plugin).__qualname__)

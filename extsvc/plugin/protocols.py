@@ -1,0 +1,33 @@
+"""The typed seams compiled policies call on the request path (no pluggy there)."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from extsvc.authz.model import CheckContext, Decision
+
+
+@runtime_checkable
+class Authorizer(Protocol):
+    """One compiled ext_authz step.
+
+    ``check`` returns a :class:`Decision` to allow or deny, or ``None`` to abstain. It runs under
+    the RPC's remaining deadline; raising or overrunning makes the policy answer per ``on_error``.
+    It must not block the event loop (no synchronous network or file I/O).
+    """
+
+    async def check(self, request: CheckContext, /) -> Decision | None: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """Optional: awaited once before the step's config starts serving (fetch keys, warm caches)."""
+
+    async def start(self) -> None: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """Optional: awaited once after the step's config is retired and its requests finished."""
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,51 @@
+"""Frozen records that registration hooks return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from extsvc.plugin.context import PluginContext
+    from extsvc.plugin.protocols import Authorizer
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizerType(Generic[ConfigT]):
+    """An ext_authz step kind a plugin provides.
+
+    :param name: the kind, as written in a policy step's ``plugin:`` field (kebab-case, unique).
+    :param config_model: the pydantic model the step's ``config:`` block is validated against at
+        load time. Declare it ``frozen=True, extra="forbid"`` so typos are rejected.
+    :param factory: ``factory(config, ctx)`` returns the object that answers requests (see
+        :class:`extsvc.plugin.protocols.Authorizer`). Called once per step at each config load.
+    :param description: one line for ``extsvc plugins list``.
+    """
+
+    name: str
+    config_model: type[ConfigT]
+    factory: Callable[[ConfigT, PluginContext], Authorizer]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPlugin:
+    """What ``extsvc plugins list`` shows about one registered plugin."""
+
+    name: str
+    source: str  # "builtin" or "entry point <dist> <version>"
+    location: str  # the module file
+    kinds: tuple[str, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "location": self.location,
+            "kinds": list(self.kinds),
+        }

@@ -1,0 +1,148 @@
+"""``basic-auth``: HTTP Basic authentication against an htpasswd file.
+
+Supported hashes: bcrypt (``$2y$``/``$2b$``/``$2a$``, what ``htpasswd -B`` writes) and SHA-256 /
+SHA-512 crypt (``$5$``/``$6$``). Weaker schemes (MD5 ``$apr1$``, SHA-1 ``{SHA}``, crypt) are
+refused when the file is loaded, naming the line. Verification runs off the event loop; successful
+verifications are cached for ``cache_ttl_s`` (keyed by a hash of user and password), so bcrypt's
+deliberate slowness is paid once per user and password, not on every request. An unknown user
+costs the same bcrypt work as a wrong password, so response times do not reveal user names.
+
+Example::
+
+    - plugin: basic-auth
+      config:
+        htpasswd_file: /etc/extsvc/htpasswd/htpasswd
+        realm: internal
+        forward: {headers: {x-user: user}}
+        remove_credential: true
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from passlib.hash import bcrypt, sha256_crypt, sha512_crypt
+from pydantic import BaseModel, ConfigDict, Field
+
+from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
+from extsvc.credentials import (
+    CredentialSource,
+    Forward,
+    TtlCache,
+    WatchedFile,
+    credential_hash,
+    removal,
+)
+
+_AUTHORIZATION = CredentialSource(header="authorization")
+# Verified against when the user is unknown, so that both paths cost one bcrypt check.
+_DUMMY_BCRYPT = "$2b$10$C6UzMDM.H6dfI/f/IKxGhuQyd3rqfENr5KR3aFNoJm6fW0oG1Fkzq"
+
+
+class BasicAuthConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    htpasswd_file: str
+    realm: str = "extsvc"
+    cache_ttl_s: float = Field(60.0, ge=0)
+    cache_max_entries: int = Field(10_000, ge=0)
+    forward: Forward = Field(default_factory=lambda: Forward(metadata={"user": "user"}))
+    remove_credential: bool = False
+    reload_interval_s: float = Field(5.0, ge=0)
+    on_missing: Literal["deny", "abstain"] = "deny"
+
+
+def parse_htpasswd(data: bytes) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for number, raw in enumerate(data.decode("utf-8").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user or not hashed:
+            raise ValueError(f"line {number}: expected user:hash")
+        if not hashed.startswith(("$2y$", "$2b$", "$2a$", "$5$", "$6$")):
+            raise ValueError(
+                f"line {number} (user {user!r}): unsupported or weak hash; use bcrypt (htpasswd -B)"
+                " or SHA-256/512 crypt"
+            )
+        users[user] = hashed
+    return users
+
+
+def verify(password: str, hashed: str) -> bool:
+    if hashed.startswith("$6$"):
+        return bool(sha512_crypt.verify(password, hashed))
+    if hashed.startswith("$5$"):
+        return bool(sha256_crypt.verify(password, hashed))
+    return bool(bcrypt.verify(password, hashed))
+
+
+class BasicAuth:
+    def __init__(self, config: BasicAuthConfig, ctx: PluginContext) -> None:
+        self._config = config
+        self._log = ctx.logger
+        self._users: WatchedFile[dict[str, str]] = WatchedFile(
+            ctx.resolve(config.htpasswd_file), parse_htpasswd, config.reload_interval_s,
+            ctx.logger, on_change=lambda _users: self._cache.clear(),
+        )
+        self._cache: TtlCache[bool] = TtlCache(config.cache_max_entries, ctx.clock)
+        self._clock = ctx.clock
+        realm = config.realm.replace('"', "")
+        self._challenge = {"www-authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
+
+    async def start(self) -> None:
+        self._users.start()
+
+    async def aclose(self) -> None:
+        await self._users.aclose()
+
+    def _deny(self, reason: str, request: CheckContext) -> Decision:
+        self._log.info("basic-auth denied: %s [request_id=%s]", reason, request.request_id)
+        return Decision.deny(401, headers=self._challenge, reason=f"basic-auth: {reason}")
+
+    async def check(self, request: CheckContext, /) -> Decision | None:
+        header = request.headers.get("authorization")
+        if header is None or header[:6].lower() != "basic ":
+            if self._config.on_missing == "abstain":
+                return None
+            return Decision.deny(401, headers=self._challenge, reason="basic-auth: no credentials")
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return self._deny("malformed credentials", request)
+        user, sep, password = decoded.partition(":")
+        if not sep or not user:
+            return self._deny("malformed credentials", request)
+        key = credential_hash(f"{user}\x00{password}")
+        if not self._cache.get(key):
+            hashed = self._users.value.get(user)
+            ok = await asyncio.to_thread(verify, password, hashed or _DUMMY_BCRYPT)
+            if hashed is None:
+                return self._deny(f"unknown user {user[:64]!r}", request)
+            if not ok:
+                return self._deny(f"wrong password for {user[:64]!r}", request)
+            if self._config.cache_ttl_s > 0:
+                self._cache.put(key, True, self._clock() + self._config.cache_ttl_s)
+        headers, metadata = self._config.forward.apply({"user": user})
+        remove: tuple[str, ...] = ()
+        if self._config.remove_credential:
+            _, remove, _ = removal(request, _AUTHORIZATION)
+        return Decision.allow(
+            upstream_set=headers, upstream_remove=remove, metadata=metadata,
+            reason=f"basic-auth: {user[:64]}",
+        )
+
+
+@hookimpl
+def extsvc_register_authorizers() -> Iterator[AuthorizerType[Any]]:
+    yield AuthorizerType(
+        name="basic-auth",
+        config_model=BasicAuthConfig,
+        factory=BasicAuth,
+        description="HTTP Basic against an htpasswd file (bcrypt, SHA-256/512 crypt), cached",
+    )
