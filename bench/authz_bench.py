@@ -276,6 +276,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     parser.add_argument("--envoy", action="store_true", help="also run the Envoy + wrk case")
+    parser.add_argument("--seconds", type=float, default=5, help="wrk duration per round (--envoy)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (--envoy)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
     ensure_tools("h2load", *(["wrk"] if args.envoy else []))

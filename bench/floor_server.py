@@ -17,7 +17,7 @@ _OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=0))
 
 
 class Floor(external_auth_pb2_grpc.AuthorizationServicer):
-    async def Check(self, request, context):  # noqa: N802
+    async def Check(self, request, context):
         return _OK
 
 

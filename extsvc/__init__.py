@@ -13,10 +13,11 @@ from extsvc.authz.model import (
     ResponseHeaderAction,
 )
 from extsvc.errors import ConfigError, ExtsvcError, PluginError
+from extsvc.extproc.model import BodyMode, Exchange, HttpMessage, Phase, Processor
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.markers import hookimpl, hookspec
-from extsvc.plugin.protocols import Authorizer, Closable, Startable
-from extsvc.plugin.records import AuthorizerType
+from extsvc.plugin.protocols import Authorizer, Closable, IdentitySource, Startable
+from extsvc.plugin.records import AuthorizerType, ProcessorType
 from extsvc.types import HeaderName, HeaderValue, Regex
 
 __version__ = "0.1.0"
@@ -24,17 +25,24 @@ __version__ = "0.1.0"
 __all__ = [
     "Authorizer",
     "AuthorizerType",
+    "BodyMode",
     "CheckContext",
     "Closable",
     "ConfigError",
     "Decision",
+    "Exchange",
     "ExtsvcError",
     "HeaderName",
     "HeaderValue",
+    "HttpMessage",
+    "IdentitySource",
     "Peer",
+    "Phase",
     "PluginContext",
     "PluginError",
     "PluginMetrics",
+    "Processor",
+    "ProcessorType",
     "Regex",
     "ResponseHeader",
     "ResponseHeaderAction",

@@ -17,17 +17,24 @@ from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from extsvc.authz.service import SERVICE_NAME as AUTHZ_SERVICE
 from extsvc.authz.service import AuthorizationService
 from extsvc.config.provider import ConfigLoader, FileWatcher, embedded_default_config
-from extsvc.config.runtime import RuntimeHolder
+from extsvc.config.runtime import Runtime, RuntimeHolder
+from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
+from extsvc.extproc.service import ExternalProcessorService
 from extsvc.observability.admin import AdminServer
 from extsvc.observability.health import HealthState
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.ratelimit.manager import RateLimitManager
+from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
+from extsvc.ratelimit.service import RateLimitService
 from extsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,21 +52,28 @@ class ExtsvcServer:
         host: PluginHost | None = None,
         metrics: Metrics | None = None,
         reuse_port: bool = False,
+        config_text: str | None = None,
     ) -> None:
+        """:param config_text: serve this YAML (from memory, not watched) instead of the embedded
+            demo config when ``settings.config`` is None."""
         self.settings = settings
+        self._config_text = config_text
         self.host = host or PluginHost.create(
             allow=settings.plugins_allow, block=settings.plugins_block
         )
         self.metrics = metrics or Metrics()
         self.holder = RuntimeHolder()
-        self.health = HealthState((AUTHZ_SERVICE,))
+        self.health = HealthState((AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE))
+        self.ratelimit = RateLimitManager(self.metrics, reload_interval_s=settings.reload_interval_s)
         self.loader = ConfigLoader(
-            self.holder, self.host, self.metrics, on_first_load=self.health.mark_ready
+            self.holder, self.host, self.metrics, on_first_load=self.health.mark_ready,
+            on_load=self._config_loaded,
         )
         self.watcher: FileWatcher | None = None
         self.admin = AdminServer(self.health, self.metrics, self.status)
         self._reuse_port = reuse_port
         self._server: Any = None
+        self._stopping = False
         self._stopped = asyncio.Event()
         self.grpc_port = 0
 
@@ -77,6 +91,8 @@ class ExtsvcServer:
             "policies": sorted(runtime.policies) if runtime else [],
             "default_policy": runtime.config.default_policy if runtime else None,
             "plugins": [p.describe() for p in self.host.plugins],
+            "ratelimit_domains": self.ratelimit.domains,
+            "ratelimit_problems": self.ratelimit.problems,
         }
 
     async def start(self) -> None:
@@ -102,16 +118,34 @@ class ExtsvcServer:
             default_timeout_s=s.default_timeout_ms / 1000,
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            ExternalProcessorService(self.holder, self.metrics), server
+        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+            RateLimitService(
+                self.ratelimit, self.metrics,
+                deadline_margin_s=s.deadline_margin_ms / 1000,
+                default_timeout_s=s.default_timeout_ms / 1000,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
-            (AUTHZ_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            (AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
+            server,
         )
-        if s.tls_cert_file is not None and s.tls_key_file is not None:
-            credentials = _server_credentials(s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file)
-            self.grpc_port = server.add_secure_port(s.grpc_address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(s.grpc_address)
+        try:
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                credentials = _server_credentials(
+                    s.tls_cert_file, s.tls_key_file, s.tls_client_ca_file
+                )
+                self.grpc_port = server.add_secure_port(s.grpc_address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(s.grpc_address)
+        except RuntimeError:  # grpcio raises (older releases returned 0) when it cannot bind
+            self.grpc_port = 0
         if not self.grpc_port:
+            # An OSError makes `extsvc serve` exit 2, which --workers does not retry.
             raise OSError(f"cannot listen on {s.grpc_address} (address in use?)")
         await server.start()
         self._server = server
@@ -123,27 +157,37 @@ class ExtsvcServer:
         )
 
         if s.config is None:
-            await self.loader.load_text(
-                embedded_default_config(), source="<embedded default>", base_dir=Path()
+            text, source = (
+                (embedded_default_config(), "<embedded default>") if self._config_text is None
+                else (self._config_text, "<in-memory config>")
             )
+            await self.loader.load_text(text, source=source, base_dir=Path())
         else:
             self.watcher = FileWatcher(s.config, self.loader, s.reload_interval_s)
             await self.watcher.load_now()
             self.watcher.start()
 
     async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; a second call waits for the first instead of stopping twice."""
+        if self._stopping:  # shutdown hooks run once (hookspecs: "Run once when the server stops")
+            await self._stopped.wait()
+            return
+        self._stopping = True
         grace = self.settings.grace_period_s if grace is None else grace
-        await self.health.mark_draining()
-        if self.watcher is not None:
-            await self.watcher.stop()
-        if self._server is not None:
-            # Stops accepting new RPCs at once; in-flight ones get `grace` seconds to finish.
-            await self._server.stop(grace)
-        await self.holder.close()
-        await self.host.shutdown()
-        self.health.alive = False
-        await self.admin.stop()
-        self._stopped.set()
+        try:
+            await self.health.mark_draining()
+            if self.watcher is not None:
+                await self.watcher.stop()
+            if self._server is not None:
+                # Stops accepting new RPCs at once; in-flight ones get `grace` seconds to finish.
+                await self._server.stop(grace)
+            await self.holder.close()
+            await self.ratelimit.aclose()
+            await self.host.shutdown()
+            self.health.alive = False
+            await self.admin.stop()
+        finally:
+            self._stopped.set()
         log.info("stopped")
 
     async def run(self) -> None:
@@ -162,6 +206,9 @@ class ExtsvcServer:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(ValueError):
                     loop.remove_signal_handler(sig)
+
+    async def _config_loaded(self, runtime: Runtime, base_dir: Path) -> None:
+        await self.ratelimit.apply(runtime.config.ratelimit, base_dir)
 
     def _reload_now(self) -> None:
         if self.watcher is not None:

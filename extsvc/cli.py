@@ -138,6 +138,10 @@ async def _validate(path: Path) -> int:
     names = ", ".join(sorted(runtime.policies)) or "none"
     print(f"{path}: OK ({len(runtime.policies)} policies: {names}; "
           f"default: {runtime.config.default_policy or 'none'})")
+    extproc = runtime.config.extproc
+    if extproc.policies:
+        print(f"  extproc: {len(extproc.policies)} policies: {', '.join(sorted(extproc.policies))}; "
+              f"default: {extproc.default_policy or 'none'}")
     return 0
 
 

@@ -21,3 +21,7 @@ class PluginError(ExtsvcError):
     def __init__(self, message: str, *, plugin: str) -> None:
         self.plugin = plugin
         super().__init__(f"plugin {plugin!r}: {message}")
+
+
+class StoreError(ExtsvcError):
+    """A rate-limit store that could not answer (unreachable, timed out, protocol error)."""

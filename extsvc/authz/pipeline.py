@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from extsvc.authz.model import CheckContext, Decision
@@ -58,6 +58,7 @@ class CompiledPolicy:
         error_decision: Decision,
         timeout_s: float | None,
         counters: dict[str, Any],
+        identity_headers: frozenset[str] = frozenset(),
     ) -> None:
         self.name = name
         self.steps = steps
@@ -68,6 +69,8 @@ class CompiledPolicy:
         self.timeout_s = timeout_s
         #: extsvc_authz_decisions_total children by outcome label, bound at compile time
         self.counters = counters
+        #: headers that carry an identity upstream (IdentitySource), scrubbed on every allow
+        self.identity_headers = tuple(sorted(identity_headers))
 
     async def evaluate(self, request: CheckContext, deadline: float) -> Outcome:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
@@ -91,12 +94,13 @@ class CompiledPolicy:
         timer = loop.call_at(deadline, expire)
         try:
             if self.combine is Combine.FIRST_DECISIVE:
-                return await self._first_decisive(request, running)
-            if self.combine is Combine.ALL_MUST_ALLOW:
-                return await self._all_must_allow(request, running)
-            return await self._any_allow(request, running)
+                outcome = await self._first_decisive(request, running)
+            elif self.combine is Combine.ALL_MUST_ALLOW:
+                outcome = await self._all_must_allow(request, running)
+            else:
+                outcome = await self._any_allow(request, running)
         except StepFailed as failure:
-            return self._on_failure(request, failure)
+            outcome = self._on_failure(request, failure)
         except asyncio.CancelledError:
             if not expired:
                 raise  # cancelled from outside (the RPC was cancelled): not ours to answer
@@ -104,14 +108,35 @@ class CompiledPolicy:
             if task.uncancel() > 0:
                 raise
             if not running:  # cannot happen: cancellation is delivered inside a step's await
-                return self.internal_error(request)
-            step = running[-1]
-            step.overran.inc()
-            return self._on_failure(request, StepFailed(step, "overran the deadline"))
+                outcome = self.internal_error(request)
+            else:
+                step = running[-1]
+                step.overran.inc()
+                outcome = self._on_failure(request, StepFailed(step, "overran the deadline"))
         finally:
             timer.cancel()
             if expired and task.cancelling():  # a step swallowed our CancelledError
                 task.uncancel()
+        if self.identity_headers and outcome.decision.allowed:
+            outcome = self._scrub_identity(outcome)
+        return outcome
+
+    def _scrub_identity(self, outcome: Outcome) -> Outcome:
+        """Remove the identity headers the allowing decision did not set itself.
+
+        In "jwt OR api-key" only the step that allowed vouches for an identity; an ``x-user``
+        the client sent, or one another step would have set, must not reach the upstream. Only
+        headers this decision does not set are listed, so the order in which Envoy applies
+        ``headers`` and ``headers_to_remove`` does not matter.
+        """
+        decision = outcome.decision
+        own = {name for name, _ in decision.upstream_set}
+        stale = [h for h in self.identity_headers if h not in own and h not in decision.upstream_remove]
+        if not stale:
+            return outcome
+        return replace(outcome, decision=replace(
+            decision, upstream_remove=decision.upstream_remove + tuple(stale)
+        ))
 
     async def _first_decisive(self, request: CheckContext, running: list[CompiledStep]) -> Outcome:
         for step in self.steps:
@@ -175,7 +200,8 @@ class CompiledPolicy:
         """The ``on_error`` answer for a failure outside any step."""
         reason = "internal error"
         if self.on_error is OnError.ALLOW:
-            return Outcome(Decision.allow(reason=reason), "error")
+            # an allow that no step vouched for carries no identity either
+            return self._scrub_identity(Outcome(Decision.allow(reason=reason), "error"))
         return Outcome(
             self.error_decision.with_reason(reason), "error", "", self.on_error is OnError.ENVOY
         )

@@ -16,10 +16,12 @@ from extsvc.authz.pipeline import CompiledPolicy, CompiledStep
 from extsvc.config.model import AuthzPolicy, ExtsvcConfig, Reply
 from extsvc.config.runtime import Runtime
 from extsvc.errors import ConfigError
+from extsvc.extproc.model import declared_phases, hook_name
+from extsvc.extproc.pipeline import CompiledExtprocPolicy, CompiledProcessor, ExtprocPolicies
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.host import PluginHost
-from extsvc.plugin.protocols import Authorizer, Startable
+from extsvc.plugin.protocols import Authorizer, IdentitySource, Startable
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,51 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
 
 
 def check_plugins(config: ExtsvcConfig, host: PluginHost) -> dict[tuple[str, int], BaseModel]:
-    """Validate every step's plugin kind and config; all problems are reported at once."""
+    """Validate every step's (and ext_proc processor's) kind and config; all problems at once.
+
+    Returns the validated ext_authz step configs by ``(policy, index)``.
+    """
     problems: list[str] = []
+    validated = _check_steps(config, host, problems)
+    _check_processors(config, host, problems)
+    if problems:
+        raise ConfigError(problems)
+    return validated
+
+
+def check_processors(config: ExtsvcConfig, host: PluginHost) -> dict[tuple[str, int], BaseModel]:
+    """Validate the ``extproc:`` processors; their configs by ``(policy, index)``."""
+    problems: list[str] = []
+    validated = _check_processors(config, host, problems)
+    if problems:
+        raise ConfigError(problems)
+    return validated
+
+
+def _check_processors(
+    config: ExtsvcConfig, host: PluginHost, problems: list[str]
+) -> dict[tuple[str, int], BaseModel]:
+    validated: dict[tuple[str, int], BaseModel] = {}
+    for policy_name, policy in config.extproc.policies.items():
+        for index, step in enumerate(policy.processors):
+            where = f"extproc.policies.{policy_name}.processors[{index}]"
+            kind = host.processors.get(step.plugin)
+            if kind is None:
+                known = ", ".join(sorted(host.processors)) or "none"
+                problems.append(
+                    f"{where}.plugin: unknown processor kind {step.plugin!r} (known: {known})"
+                )
+                continue
+            try:
+                validated[(policy_name, index)] = kind.config_model.model_validate(step.config)
+            except ValidationError as exc:
+                problems.extend(format_validation_error(exc, f"{where}.config"))
+    return validated
+
+
+def _check_steps(
+    config: ExtsvcConfig, host: PluginHost, problems: list[str]
+) -> dict[tuple[str, int], BaseModel]:
     validated: dict[tuple[str, int], BaseModel] = {}
     for policy_name, policy in config.policies.items():
         for index, step in enumerate(policy.steps):
@@ -71,8 +116,6 @@ def check_plugins(config: ExtsvcConfig, host: PluginHost) -> dict[tuple[str, int
                 validated[(policy_name, index)] = kind.config_model.model_validate(step.config)
             except ValidationError as exc:
                 problems.extend(format_validation_error(exc, f"{where}.config"))
-    if problems:
-        raise ConfigError(problems)
     return validated
 
 
@@ -95,15 +138,21 @@ async def compile_config(
     is raised; nothing half-built escapes.
     """
     validated = check_plugins(config, host)
+    processor_configs = check_processors(config, host)
     policies: dict[str, CompiledPolicy] = {}
     built: list[Authorizer] = []
+    processors: list[object] = []
     try:
         for policy_name, policy in config.policies.items():
             policies[policy_name] = await _compile_policy(
                 policy_name, policy, validated, host, metrics, base_dir, built, start
             )
+        extproc = await compile_extproc(
+            config, processor_configs, host, metrics, base_dir, processors, start
+        )
     except BaseException:
         await Runtime.close_authorizers(built)
+        await Runtime.close_authorizers(processors)  # type: ignore[arg-type]
         raise
     return Runtime(
         config=config,
@@ -111,7 +160,77 @@ async def compile_config(
         authorizers=tuple(built),
         generation=generation,
         metrics=metrics,
+        extproc=extproc,
     )
+
+
+async def compile_extproc(
+    config: ExtsvcConfig,
+    validated: Mapping[tuple[str, int], BaseModel],
+    host: PluginHost,
+    metrics: Metrics,
+    base_dir: Path,
+    built: list[object],
+    start: bool,
+) -> ExtprocPolicies:
+    """Build the ``extproc:`` policies (each processor object is appended to ``built``)."""
+    policies: dict[str, CompiledExtprocPolicy] = {}
+    for policy_name, policy in config.extproc.policies.items():
+        compiled: list[CompiledProcessor] = []
+        for index, step in enumerate(policy.processors):
+            where = f"extproc.policies.{policy_name}.processors[{index}]"
+            kind = host.processors[step.plugin]
+            ctx = PluginContext(
+                plugin=step.plugin,
+                policy=policy_name,
+                step=step.label,
+                logger=logging.getLogger(f"extsvc.plugin.{step.plugin}"),
+                metrics=PluginMetrics(metrics, step.plugin, policy_name),
+                base_dir=base_dir,
+            )
+            try:
+                processor: Any = kind.factory(validated[(policy_name, index)], ctx)
+            except Exception as exc:  # a plugin's constructor is third-party code
+                raise ConfigError(f"{where}: processor {step.plugin!r} failed to build: {exc}") from exc
+            phases = declared_phases(processor)
+            missing = [p.value for p in phases if not callable(getattr(processor, hook_name(p), None))]
+            if missing:
+                raise ConfigError(
+                    f"{where}: processor {step.plugin!r} built {type(processor).__name__}, "
+                    f"which declares {', '.join(missing)} but has no hook for it"
+                )
+            built.append(processor)
+            if start and isinstance(processor, Startable):
+                try:
+                    await processor.start()
+                except Exception as exc:  # a plugin's start-up is third-party code
+                    raise ConfigError(
+                        f"{where}: processor {step.plugin!r} failed to start: {exc}"
+                    ) from exc
+            compiled.append(
+                CompiledProcessor(
+                    label=step.label,
+                    kind=step.plugin,
+                    processor=processor,
+                    phases=phases,
+                    duration=metrics.extproc_processor_duration.labels(policy_name, step.label),
+                    raised=metrics.extproc_processor_errors.labels(
+                        policy_name, step.label, "exception"
+                    ),
+                    overran=metrics.extproc_processor_errors.labels(
+                        policy_name, step.label, "timeout"
+                    ),
+                )
+            )
+        policies[policy_name] = CompiledExtprocPolicy(
+            policy_name,
+            tuple(compiled),
+            on_error=policy.on_error,
+            error_status=policy.error_status,
+            timeout_s=policy.timeout_ms / 1000,
+            mode_override=policy.mode_override,
+        )
+    return ExtprocPolicies(config.extproc, policies, tuple(built))
 
 
 async def _compile_policy(
@@ -125,6 +244,7 @@ async def _compile_policy(
     start: bool,
 ) -> CompiledPolicy:
     steps = []
+    identity_headers: set[str] = set()
     for index, step in enumerate(policy.steps):
         where = f"policies.{policy_name}.steps[{index}]"
         kind = host.authorizers[step.plugin]
@@ -146,6 +266,8 @@ async def _compile_policy(
                 "which has no async check(request) method"
             )
         built.append(authorizer)
+        if isinstance(authorizer, IdentitySource):
+            identity_headers.update(authorizer.identity_headers)
         if start and isinstance(authorizer, Startable):
             try:
                 await authorizer.start()
@@ -174,6 +296,7 @@ async def _compile_policy(
             label: metrics.authz_decisions.labels(policy_name, label)
             for label in ("allow", "deny", "error")
         },
+        identity_headers=frozenset(identity_headers),
     )
 
 
@@ -187,4 +310,10 @@ async def validate_file(path: Path, host: PluginHost, metrics: Metrics | None = 
     runtime = await compile_config(
         config, host, metrics or Metrics(), base_dir=path.parent, start=False
     )
+    if config.ratelimit is not None:  # the server keeps serving past these; validate is strict
+        from extsvc.ratelimit.manager import load_domains
+
+        _, problems = await asyncio.to_thread(load_domains, config.ratelimit, path.parent)
+        if problems:
+            raise ConfigError(problems)
     return runtime

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from extsvc.ratelimit.config import RateLimitSection
 from extsvc.types import HeaderName, HeaderValue
 
 #: The ``context_extensions`` key that selects a policy (kgateway's
@@ -94,6 +95,92 @@ class AuthzPolicy(_Model):
     )
 
 
+class ExtprocOnError(StrEnum):
+    """What an ext_proc policy does when a processor raises or overruns ``timeout_ms``.
+
+    ``fail`` answers the message with an immediate response (``error_status``, 500 by default);
+    ``continue`` drops the failing processor's changes to that message and goes on.
+    """
+
+    FAIL = "fail"
+    CONTINUE = "continue"
+
+
+class ProcessorStep(_Model):
+    """One processor of an ext_proc policy: a processor kind and its configuration."""
+
+    plugin: str = Field(min_length=1, description="the processor kind, e.g. headers")
+    name: str | None = Field(None, description="a label for logs; defaults to the plugin kind")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.plugin
+
+
+class ExtprocPolicy(_Model):
+    """A named ext_proc policy: processors run in order on every message of a stream."""
+
+    processors: list[ProcessorStep] = Field(default_factory=list)
+    on_error: ExtprocOnError = ExtprocOnError.FAIL
+    error_status: int = Field(500, ge=200, le=599, description="status of the on_error reply")
+    timeout_ms: int = Field(
+        150,
+        ge=1,
+        le=60_000,
+        description="budget for all processors on one message; keep it under Envoy's "
+        "message_timeout (200 ms by default), which answers 504 when it expires",
+    )
+    mode_override: bool = Field(
+        True,
+        description="answer the first headers message with a mode_override that switches off "
+        "the phases no processor needs (Envoy applies it with allow_mode_override: true)",
+    )
+
+
+class MetadataKey(_Model):
+    """A key in the forwarded ``metadata_context`` (``metadata_options.forwarding_namespaces``)."""
+
+    namespace: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class ExtprocConfig(_Model):
+    """The ``extproc:`` section: ext_proc policies and how a stream chooses one.
+
+    A stream's policy is the gRPC call's ``:authority`` (through ``authority_policies`` or a
+    policy of that name), then ``policy_attribute``, ``policy_metadata``, ``policy_header`` (in
+    this order, each only if configured and present), then ``default_policy``.
+    """
+
+    default_policy: str | None = None
+    authority_policies: dict[str, str] = Field(default_factory=dict)
+    policy_attribute: str | None = Field(
+        None, description="a request attribute (Envoy's request_attributes) naming the policy"
+    )
+    policy_metadata: MetadataKey | None = Field(
+        None, description="a forwarded metadata_context key naming the policy"
+    )
+    policy_header: HeaderName | None = Field(
+        None, description="a request header naming the policy (strip it from client requests)"
+    )
+    policies: dict[str, ExtprocPolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> ExtprocConfig:
+        if self.default_policy is not None and self.default_policy not in self.policies:
+            raise ValueError(
+                f"default_policy: {self.default_policy!r} is not one of extproc.policies "
+                f"({', '.join(sorted(self.policies)) or 'none defined'})"
+            )
+        for authority, policy in self.authority_policies.items():
+            if policy not in self.policies:
+                raise ValueError(
+                    f"authority_policies.{authority}: {policy!r} is not one of extproc.policies"
+                )
+        return self
+
+
 class ExtsvcConfig(_Model):
     """The whole configuration file."""
 
@@ -107,6 +194,12 @@ class ExtsvcConfig(_Model):
         "policy names themselves",
     )
     policies: dict[str, AuthzPolicy] = Field(default_factory=dict)
+    extproc: ExtprocConfig = Field(
+        default_factory=ExtprocConfig, description="ext_proc policies (see docs/extproc.md)"
+    )
+    ratelimit: RateLimitSection | None = Field(
+        None, description="the rate-limit service: domain files, store, modes (docs/ratelimit.md)"
+    )
 
     @model_validator(mode="after")
     def _references_exist(self) -> ExtsvcConfig:

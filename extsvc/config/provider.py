@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from extsvc.config.compile import compile_config, parse
-from extsvc.config.runtime import RuntimeHolder
+from extsvc.config.runtime import Runtime, RuntimeHolder
 from extsvc.errors import ConfigError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
@@ -42,12 +42,14 @@ class ConfigLoader:
         metrics: Metrics,
         *,
         on_first_load: Callable[[], Awaitable[None]] | None = None,
+        on_load: Callable[[Runtime, Path], Awaitable[None]] | None = None,
     ) -> None:
         self._holder = holder
         self._host = host
         self._metrics = metrics
         self._generation = 0
         self._on_first_load = on_first_load
+        self._on_load = on_load  # after every good load, before readiness (rate-limit domains)
         self._lock = asyncio.Lock()
 
     @property
@@ -88,6 +90,8 @@ class ConfigLoader:
                 "config %s loaded: generation %d, policies: %s",
                 source, self._generation, ", ".join(sorted(runtime.policies)) or "none",
             )
+            if self._on_load is not None:
+                await self._on_load(runtime, base_dir)
             if first and self._on_first_load is not None:
                 await self._on_first_load()
             return True

@@ -17,6 +17,7 @@ from extsvc.plugin.protocols import Closable
 
 if TYPE_CHECKING:
     from extsvc.authz.pipeline import CompiledPolicy
+    from extsvc.extproc.pipeline import ExtprocPolicies
     from extsvc.observability.metrics import Metrics
     from extsvc.plugin.protocols import Authorizer
 
@@ -30,6 +31,7 @@ class Runtime:
     authorizers: tuple[Authorizer, ...]
     generation: int
     metrics: Metrics
+    extproc: ExtprocPolicies | None = None
     inflight: int = 0
     retired: bool = False
     closed: bool = False
@@ -80,6 +82,8 @@ class Runtime:
             return
         self.closed = True
         await self.close_authorizers(self.authorizers)
+        if self.extproc is not None:
+            await self.close_authorizers(self.extproc.processors)  # type: ignore[arg-type]
 
     async def wait_closed(self) -> None:
         if self._closing is not None:

@@ -77,6 +77,103 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.extproc_streams = Counter(
+            "extsvc_extproc_streams_total",
+            "ext_proc streams by policy and outcome (ok, immediate, unknown-policy, "
+            "protocol-error, not-ready, reset, cancelled)",
+            ["policy", "outcome"],
+            registry=r,
+        )
+        self.extproc_messages = Counter(
+            "extsvc_extproc_messages_total",
+            "ext_proc messages by policy and direction (received from / sent to Envoy)",
+            ["policy", "direction"],
+            registry=r,
+        )
+        self.extproc_mode_overrides = Counter(
+            "extsvc_extproc_mode_overrides_total",
+            "ext_proc streams answered with a mode_override switching phases off",
+            ["policy"],
+            registry=r,
+        )
+        self.extproc_processor_duration = Histogram(
+            "extsvc_extproc_processor_duration_seconds",
+            "Time spent in one ext_proc processor on one message",
+            ["policy", "processor"],
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
+        self.extproc_processor_errors = Counter(
+            "extsvc_extproc_processor_errors_total",
+            "ext_proc processors that raised or overran timeout_ms (answered per on_error)",
+            ["policy", "processor", "reason"],
+            registry=r,
+        )
+        self.extproc_active_streams = Gauge(
+            "extsvc_extproc_active_streams",
+            "ext_proc streams open now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        # Rate limiting, in the spirit of envoyproxy/ratelimit's stats. `limit` is the limit's
+        # name, else its descriptor path in the domain file (request values only with
+        # detailed_metric), so the label set is bounded by the config.
+        rl_labels = ["domain", "limit"]
+        self.rl_hits = Counter(
+            "extsvc_ratelimit_hits_total", "Hits checked against a limit (total_hits)",
+            rl_labels, registry=r,
+        )
+        self.rl_over_limit = Counter(
+            "extsvc_ratelimit_over_limit_total", "Hits over the limit", rl_labels, registry=r
+        )
+        self.rl_near_limit = Counter(
+            "extsvc_ratelimit_near_limit_total",
+            "Hits within the limit but above near_limit_ratio of it", rl_labels, registry=r,
+        )
+        self.rl_within_limit = Counter(
+            "extsvc_ratelimit_within_limit_total", "Hits within the limit", rl_labels, registry=r
+        )
+        self.rl_shadow_mode = Counter(
+            "extsvc_ratelimit_shadow_mode_total",
+            "Hits over a shadow_mode limit (answered OK)", rl_labels, registry=r,
+        )
+        self.rl_over_limit_local_cache = Counter(
+            "extsvc_ratelimit_over_limit_local_cache_total",
+            "Over-limit hits answered from the local cache, without the store", rl_labels,
+            registry=r,
+        )
+        self.rl_global_shadow_mode = Counter(
+            "extsvc_ratelimit_global_shadow_mode_total",
+            "OVER_LIMIT answers turned into OK by the section's shadow_mode", registry=r,
+        )
+        self.rl_responses = Counter(
+            "extsvc_ratelimit_responses_total",
+            "ShouldRateLimit answers by overall code (ok, over_limit, error)", ["code"],
+            registry=r,
+        )
+        self.rl_unknown_domain = Counter(
+            "extsvc_ratelimit_unknown_domain_total",
+            "Requests for a domain no domain file defines (answered per unknown_domain)",
+            registry=r,
+        )
+        self.rl_store_errors = Counter(
+            "extsvc_ratelimit_store_errors_total",
+            "Store calls that failed or overran the deadline, by store and the answer given "
+            "(failure_mode)", ["store", "answer"], registry=r,
+        )
+        self.rl_store_duration = Histogram(
+            "extsvc_ratelimit_store_duration_seconds", "Time of one store call (one per RPC)",
+            ["store"], buckets=_STEP_BUCKETS, registry=r,
+        )
+        self.rl_domain_loads = Counter(
+            "extsvc_ratelimit_domain_loads_total",
+            "Domain file loads by result (ok, error); an error keeps that file's last good "
+            "version", ["result"], registry=r,
+        )
+        self.rl_domains = Gauge(
+            "extsvc_ratelimit_domains", "Rate-limit domains serving now", registry=r,
+            multiprocess_mode="max",
+        )
         self._plugin_counters: dict[str, Counter] = {}
         self._plugin_histograms: dict[str, Histogram] = {}
 

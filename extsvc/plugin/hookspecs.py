@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from extsvc.plugin.markers import hookspec
 
 if TYPE_CHECKING:
-    from extsvc.plugin.records import AuthorizerType
+    from extsvc.plugin.records import AuthorizerType, ProcessorType
     from extsvc.settings import Settings
 
 
@@ -32,6 +32,32 @@ class ExtsvcSpecs:
             def extsvc_register_authorizers():
                 yield AuthorizerType(name="tenant-header", config_model=TenantHeaderConfig,
                                      factory=TenantHeader, description="allow known tenants")
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def extsvc_register_processors(self) -> Iterable[ProcessorType[Any]]:
+        """Return the ext_proc processor kinds this plugin provides.
+
+        Called once at start-up; the results of all plugins are collected. Processor kind names
+        must be unique among processor kinds (they may repeat an authorizer kind's name).
+
+        Example::
+
+            class StampConfig(BaseModel, frozen=True, extra="forbid"):
+                header: str = "x-stamped"
+
+            class Stamp(Processor):
+                def __init__(self, config: StampConfig, ctx: PluginContext) -> None:
+                    self._header = config.header
+
+                async def on_request_headers(self, message: HttpMessage, /) -> None:
+                    message.set_header(self._header, "1")
+
+            @hookimpl
+            def extsvc_register_processors():
+                yield ProcessorType(name="stamp", config_model=StampConfig, factory=Stamp,
+                                    description="mark requests that passed extsvc")
         """
         raise NotImplementedError
 

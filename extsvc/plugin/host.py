@@ -21,7 +21,7 @@ import pluggy
 from extsvc.errors import PluginError
 from extsvc.plugin.hookspecs import ExtsvcSpecs
 from extsvc.plugin.markers import ENTRY_POINT_GROUP, PROJECT
-from extsvc.plugin.records import AuthorizerType, LoadedPlugin
+from extsvc.plugin.records import AuthorizerType, LoadedPlugin, ProcessorType
 
 if TYPE_CHECKING:
     from extsvc.settings import Settings
@@ -34,10 +34,20 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("deny", "extsvc_plugins.deny"),
     ("header-match", "extsvc_plugins.header_match"),
     ("set-headers", "extsvc_plugins.set_headers"),
+    ("jwt", "extsvc_plugins.jwt_auth"),
+    ("api-key", "extsvc_plugins.api_key"),
+    ("basic-auth", "extsvc_plugins.basic_auth"),
+    ("client-cidr", "extsvc_plugins.client_cidr"),
+    ("oauth2-introspection", "extsvc_plugins.oauth2_introspection"),
+    ("headers", "extsvc_plugins.headers"),
+    ("request-id", "extsvc_plugins.request_id"),
+    ("json-redact", "extsvc_plugins.json_redact"),
+    ("body-limit", "extsvc_plugins.body_limit"),
+    ("response-timing", "extsvc_plugins.response_timing"),
 )
 
 #: Hooks whose implementations must be plain functions (their results are collected).
-_SYNC_HOOKS = frozenset({"extsvc_register_authorizers"})
+_SYNC_HOOKS = frozenset({"extsvc_register_authorizers", "extsvc_register_processors"})
 
 
 class PluginHost:
@@ -48,6 +58,8 @@ class PluginHost:
         self._loaded = loaded
         self.authorizers: dict[str, AuthorizerType[Any]] = {}
         self._kind_owner: dict[str, str] = {}
+        self.processors: dict[str, ProcessorType[Any]] = {}
+        self._processor_owner: dict[str, str] = {}
 
     @classmethod
     def create(
@@ -118,6 +130,7 @@ class PluginHost:
 
         host = cls(pm, loaded)
         host._collect_authorizers()
+        host._collect_processors()
         return host
 
     @staticmethod
@@ -168,6 +181,35 @@ class PluginHost:
             LoadedPlugin(p.name, p.source, p.location, tuple(kinds_by_plugin.get(p.name, ())))
             for p in self._loaded
         ]
+
+    def _collect_processors(self) -> None:
+        hook = self._pm.hook.extsvc_register_processors
+        kinds_by_plugin: dict[str, list[str]] = {}
+        for impl in hook.get_hookimpls():  # registration order
+            result: Iterable[object] = impl.function() or ()  # type: ignore[assignment]
+            for record in result:
+                if not isinstance(record, ProcessorType):
+                    raise PluginError(
+                        f"extsvc_register_processors returned {type(record).__name__}, "
+                        "expected ProcessorType",
+                        plugin=impl.plugin_name,
+                    )
+                owner = self._processor_owner.get(record.name)
+                if owner is not None:
+                    raise PluginError(
+                        f"processor kind {record.name!r} is already provided by plugin {owner!r}",
+                        plugin=impl.plugin_name,
+                    )
+                self.processors[record.name] = record
+                self._processor_owner[record.name] = impl.plugin_name
+                kinds_by_plugin.setdefault(impl.plugin_name, []).append(record.name)
+        self._loaded = [
+            LoadedPlugin(p.name, p.source, p.location, p.kinds + tuple(kinds_by_plugin.get(p.name, ())))
+            for p in self._loaded
+        ]
+
+    def processor_owner(self, kind: str) -> str | None:
+        return self._processor_owner.get(kind)
 
     @property
     def plugins(self) -> list[LoadedPlugin]:

@@ -31,3 +31,15 @@ class Closable(Protocol):
     """Optional: awaited once after the step's config is retired and its requests finished."""
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class IdentitySource(Protocol):
+    """Optional: the upstream headers through which a step passes an identity on (``x-user``).
+
+    When a policy allows, every identity header of its steps that the allowing decision does not
+    set is removed from the upstream request, so a client cannot send ``x-user`` itself and have
+    it reach the backend when another step (or no step) established the identity.
+    """
+
+    identity_headers: frozenset[str]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    from extsvc.extproc.model import Processor
     from extsvc.plugin.context import PluginContext
     from extsvc.plugin.protocols import Authorizer
 
@@ -30,6 +31,25 @@ class AuthorizerType(Generic[ConfigT]):
     name: str
     config_model: type[ConfigT]
     factory: Callable[[ConfigT, PluginContext], Authorizer]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessorType(Generic[ConfigT]):
+    """An ext_proc processor kind a plugin provides.
+
+    :param name: the kind, as written in a policy's ``processors[].plugin`` (kebab-case, unique
+        among processor kinds).
+    :param config_model: the pydantic model the processor's ``config:`` block is validated
+        against at load time (``frozen=True, extra="forbid"``).
+    :param factory: ``factory(config, ctx)`` returns a :class:`extsvc.Processor`. Called once per
+        processor entry at each config load; the object serves every stream of that policy.
+    :param description: one line for ``extsvc plugins list``.
+    """
+
+    name: str
+    config_model: type[ConfigT]
+    factory: Callable[[ConfigT, PluginContext], Processor]
     description: str = ""
 
 

@@ -116,11 +116,11 @@ async def running_server(
     settings.setdefault("grpc_address", "127.0.0.1:0")
     settings.setdefault("admin_address", "127.0.0.1:0")
     settings.setdefault("grace_period_s", 1.0)
-    server = ExtsvcServer(Settings.load({"config": config, **settings}, env={}), host=host)
+    server = ExtsvcServer(
+        Settings.load({"config": config, **settings}, env={}), host=host, config_text=text
+    )
     await server.start()
     try:
-        if text is not None:
-            await server.loader.load_text(text, source="<test>", base_dir=Path())
         yield server
     finally:
         await server.stop()

@@ -102,8 +102,9 @@ class EchoBackend:
     """An HTTP/1.1 backend that answers every request with a JSON echo of it.
 
     The reply body is ``{"method", "path", "headers", "body"}`` (header names lower-case,
-    repeated headers comma-joined); the reply carries ``x-backend: echo``. ``requests`` keeps
-    what arrived, for assertions about what Envoy forwarded.
+    repeated headers comma-joined); the reply carries ``x-backend: echo``. Chunked request bodies
+    are read; a request with ``x-echo-chunks: N`` gets its reply chunked in N flushed pieces.
+    ``requests`` keeps what arrived, for assertions about what Envoy forwarded.
     """
 
     port: int = 0
@@ -116,9 +117,23 @@ class EchoBackend:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def _echo(self) -> None:
+            def _read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+                    # Envoy sends STREAMED / FULL_DUPLEX_STREAMED ext_proc bodies chunked.
+                    parts: list[bytes] = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass  # trailers
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
                 length = int(self.headers.get("content-length") or 0)
-                body = self.rfile.read(length) if length else b""
+                return self.rfile.read(length) if length else b""
+
+            def _echo(self) -> None:
+                body = self._read_body()
                 headers: dict[str, str] = {}
                 for name, value in self.headers.items():
                     key = name.lower()
@@ -130,10 +145,23 @@ class EchoBackend:
                 ).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
                 self.send_header("x-backend", "echo")
+                chunks = int(headers.get("x-echo-chunks", "0") or 0)
+                if chunks <= 0:
+                    self.send_header("content-length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                # `x-echo-chunks: N`: the same JSON sent chunked in N pieces, flushed one by one.
+                self.send_header("transfer-encoding", "chunked")
                 self.end_headers()
-                self.wfile.write(payload)
+                step = max(1, -(-len(payload) // chunks))
+                for start in range(0, len(payload), step):
+                    piece = payload[start:start + step]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    time.sleep(0.005)
+                self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
 

@@ -1,11 +1,17 @@
 """``basic-auth``: HTTP Basic authentication against an htpasswd file.
 
 Supported hashes: bcrypt (``$2y$``/``$2b$``/``$2a$``, what ``htpasswd -B`` writes) and SHA-256 /
-SHA-512 crypt (``$5$``/``$6$``). Weaker schemes (MD5 ``$apr1$``, SHA-1 ``{SHA}``, crypt) are
-refused when the file is loaded, naming the line. Verification runs off the event loop; successful
-verifications are cached for ``cache_ttl_s`` (keyed by a hash of user and password), so bcrypt's
-deliberate slowness is paid once per user and password, not on every request. An unknown user
-costs the same bcrypt work as a wrong password, so response times do not reveal user names.
+SHA-512 crypt (``$5$``/``$6$``, ``mkpasswd -m sha-512``; verified by libpass's pure-Python
+implementation, so no ``crypt`` module is needed, which Python 3.13 removed). Weaker schemes
+(MD5 ``$apr1$``, SHA-1 ``{SHA}``, DES crypt, plain text) and malformed hashes are refused when the
+file is loaded, naming the line. As with ``htpasswd``, bcrypt looks at the first 72 bytes of a
+password.
+
+Verification runs off the event loop; successful verifications are cached for ``cache_ttl_s``
+(keyed by a hash of user and password, dropped when the file changes), so bcrypt's deliberate
+slowness is paid once per user and password, not on every request. An unknown user costs the
+same hash work as a wrong password (the password is checked against another entry's hash and the
+request denied either way), so response times do not reveal user names.
 
 Example::
 
@@ -22,10 +28,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from passlib.hash import bcrypt, sha256_crypt, sha512_crypt
+import bcrypt
+from passlib.hash import sha256_crypt, sha512_crypt
 from pydantic import BaseModel, ConfigDict, Field
 
 from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
@@ -39,8 +48,11 @@ from extsvc.credentials import (
 )
 
 _AUTHORIZATION = CredentialSource(header="authorization")
-# Verified against when the user is unknown, so that both paths cost one bcrypt check.
+_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+#: Verified against when the file has no entry at all (cost 10, the password is random).
 _DUMMY_BCRYPT = "$2b$10$C6UzMDM.H6dfI/f/IKxGhuQyd3rqfENr5KR3aFNoJm6fW0oG1Fkzq"
+#: Longest Authorization header decoded (user and password of a few hundred bytes fit easily).
+_MAX_HEADER_BYTES = 4096
 
 
 class BasicAuthConfig(BaseModel):
@@ -56,7 +68,16 @@ class BasicAuthConfig(BaseModel):
     on_missing: Literal["deny", "abstain"] = "deny"
 
 
-def parse_htpasswd(data: bytes) -> dict[str, str]:
+@dataclass(frozen=True, slots=True)
+class Htpasswd:
+    """A parsed htpasswd file: ``users`` (name -> hash) and the hash unknown users are checked
+    against (the first entry's, so that both paths cost the same)."""
+
+    users: dict[str, str]
+    dummy: str = _DUMMY_BCRYPT
+
+
+def parse_htpasswd(data: bytes) -> Htpasswd:
     users: dict[str, str] = {}
     for number, raw in enumerate(data.decode("utf-8").splitlines(), 1):
         line = raw.strip()
@@ -65,35 +86,57 @@ def parse_htpasswd(data: bytes) -> dict[str, str]:
         user, sep, hashed = line.partition(":")
         if not sep or not user or not hashed:
             raise ValueError(f"line {number}: expected user:hash")
-        if not hashed.startswith(("$2y$", "$2b$", "$2a$", "$5$", "$6$")):
+        if not _well_formed(hashed):
             raise ValueError(
-                f"line {number} (user {user!r}): unsupported or weak hash; use bcrypt (htpasswd -B)"
-                " or SHA-256/512 crypt"
+                f"line {number} (user {user!r}): unsupported, weak or malformed hash; use bcrypt "
+                "(htpasswd -B) or SHA-256/512 crypt"
             )
+        if user in users:
+            raise ValueError(f"line {number}: user {user!r} is listed twice")
         users[user] = hashed
-    return users
+    return Htpasswd(users, next(iter(users.values()), _DUMMY_BCRYPT))
+
+
+def _well_formed(hashed: str) -> bool:
+    if hashed.startswith("$2"):
+        return bool(_BCRYPT.match(hashed))
+    handler = sha512_crypt if hashed.startswith("$6$") else sha256_crypt if hashed.startswith("$5$") else None
+    if handler is None:
+        return False
+    try:
+        parsed = handler.from_string(hashed)
+    except ValueError:
+        return False
+    return parsed.checksum is not None  # "$6$salt$" is a salt without a hash
 
 
 def verify(password: str, hashed: str) -> bool:
+    """Whether ``password`` matches ``hashed`` (a hash :func:`parse_htpasswd` accepted)."""
+    secret = password.encode("utf-8")
     if hashed.startswith("$6$"):
-        return bool(sha512_crypt.verify(password, hashed))
+        return bool(sha512_crypt.verify(secret, hashed))
     if hashed.startswith("$5$"):
-        return bool(sha256_crypt.verify(password, hashed))
-    return bool(bcrypt.verify(password, hashed))
+        return bool(sha256_crypt.verify(secret, hashed))
+    # bcrypt uses 72 bytes; htpasswd -B hashed the same 72 (the bcrypt package now refuses more)
+    return bcrypt.checkpw(secret[:72], hashed.encode("ascii"))
 
 
 class BasicAuth:
+    """A compiled ``basic-auth`` step (see the module docstring)."""
+
     def __init__(self, config: BasicAuthConfig, ctx: PluginContext) -> None:
         self._config = config
         self._log = ctx.logger
-        self._users: WatchedFile[dict[str, str]] = WatchedFile(
+        self._clock = ctx.clock
+        self._cache: TtlCache[bool] = TtlCache(config.cache_max_entries, ctx.clock)
+        self._users: WatchedFile[Htpasswd] = WatchedFile(
             ctx.resolve(config.htpasswd_file), parse_htpasswd, config.reload_interval_s,
             ctx.logger, on_change=lambda _users: self._cache.clear(),
         )
-        self._cache: TtlCache[bool] = TtlCache(config.cache_max_entries, ctx.clock)
-        self._clock = ctx.clock
-        realm = config.realm.replace('"', "")
+        self.identity_headers = config.forward.header_names()
+        realm = config.realm.replace('"', "").replace("\\", "")
         self._challenge = {"www-authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
+        self._missing = Decision.deny(401, headers=self._challenge, reason="basic-auth: no credentials")
 
     async def start(self) -> None:
         self._users.start()
@@ -110,7 +153,10 @@ class BasicAuth:
         if header is None or header[:6].lower() != "basic ":
             if self._config.on_missing == "abstain":
                 return None
-            return Decision.deny(401, headers=self._challenge, reason="basic-auth: no credentials")
+            self._log.debug("basic-auth denied: no credentials [request_id=%s]", request.request_id)
+            return self._missing
+        if len(header) > _MAX_HEADER_BYTES:
+            return self._deny("credentials too long", request)
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
@@ -120,8 +166,9 @@ class BasicAuth:
             return self._deny("malformed credentials", request)
         key = credential_hash(f"{user}\x00{password}")
         if not self._cache.get(key):
-            hashed = self._users.value.get(user)
-            ok = await asyncio.to_thread(verify, password, hashed or _DUMMY_BCRYPT)
+            table = self._users.value
+            hashed = table.users.get(user)
+            ok = await asyncio.to_thread(verify, password, hashed or table.dummy)
             if hashed is None:
                 return self._deny(f"unknown user {user[:64]!r}", request)
             if not ok:

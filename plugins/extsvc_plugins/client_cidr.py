@@ -51,6 +51,8 @@ class ClientCidrConfig(BaseModel):
 
 
 class ClientCidr:
+    """A compiled ``client-cidr`` step (see the module docstring)."""
+
     def __init__(self, config: ClientCidrConfig, ctx: PluginContext) -> None:
         self._config = config
         self._log = ctx.logger

@@ -3,8 +3,10 @@
 Keys come from a JWKS URL (fetched asynchronously, cached for ``jwks_ttl_s``, re-fetched at most
 once per ``jwks_min_refetch_interval_s`` when an unknown ``kid`` shows up, last good key set kept
 while the endpoint is down), a JWKS file, inline PEM/JWK keys, or an HMAC secret file (HS*
-algorithms only with an explicit secret; ``none`` never). Verified tokens are cached by a hash of
-the token and never past their ``exp``.
+algorithms only with an explicit secret; ``none`` never). The provider is chosen by the token's
+``iss``; its algorithm allow-list is checked before any key is looked at, and a key is only tried
+with algorithms of its own type (an RSA key never verifies an HS256 or ES256 signature).
+Verified tokens are cached by a hash of the token and never past their ``exp``.
 
 Example::
 
@@ -28,16 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
@@ -49,6 +58,7 @@ from extsvc.credentials import (
     credential_hash,
     find_credential,
     removal,
+    tls_context,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,16 @@ Algorithm = Literal[
     "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
 ]
 _HMAC = frozenset({"HS256", "HS384", "HS512"})
+#: The key type each asymmetric algorithm needs (pyjwt raises TypeError on a mismatch, so a
+#: token whose header names another family must never reach jwt.decode with that key).
+_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
+    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), (RSAPublicKey,)),
+    **dict.fromkeys(("ES256", "ES384", "ES512"), (EllipticCurvePublicKey,)),
+    "EdDSA": (Ed25519PublicKey, Ed448PublicKey),
+}
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+#: Longest JWKS document accepted from a URL.
+_MAX_JWKS_BYTES = 1024 * 1024
 
 
 class _Model(BaseModel):
@@ -83,13 +103,20 @@ class ClaimRule(_Model):
             return False
         if self.equals is not None:
             return bool(value == self.equals)
-        present = set(value.split()) if isinstance(value, str) else set(map(str, value))
+        if isinstance(value, str):
+            present = set(value.split())
+        elif isinstance(value, list):
+            present = {str(v) for v in value if isinstance(v, str | int)}
+        else:
+            return False  # a number or an object is neither a scope string nor a group list
         if self.contains is not None:
             return set(self.contains) <= present
         return bool(present & set(self.any_of or ()))
 
 
 class Provider(_Model):
+    """One identity provider: who issues tokens, for whom, signed how, and with which keys."""
+
     name: str
     issuers: list[str] = Field(min_length=1)
     audiences: list[str] = Field(default_factory=list)
@@ -101,7 +128,7 @@ class Provider(_Model):
     hs_secret_file: str | None = None
     jwks_ttl_s: float = Field(300.0, gt=0)
     jwks_min_refetch_interval_s: float = Field(30.0, ge=0)
-    jwks_timeout_s: float = Field(5.0, gt=0)
+    jwks_timeout_s: float = Field(5.0, gt=0, le=60)
     leeway_s: float = Field(30.0, ge=0, le=600)
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
     claims: dict[str, ClaimRule] = Field(default_factory=dict)
@@ -129,6 +156,8 @@ class Provider(_Model):
 
 
 class CacheConfig(_Model):
+    """The cache of verified tokens (off: every request pays a signature check)."""
+
     enabled: bool = True
     max_entries: int = Field(10_000, ge=0)
     max_ttl_s: float = Field(300.0, gt=0)
@@ -143,6 +172,51 @@ class JwtConfig(_Model):
     realm: str = "extsvc"
     max_token_bytes: int = Field(8192, ge=256, le=65536)
     on_missing: Literal["deny", "abstain"] = "deny"
+
+    @model_validator(mode="after")
+    def _unique(self) -> JwtConfig:
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        owners: dict[str, str] = {}
+        for provider in self.providers:
+            for issuer in provider.issuers:
+                if issuer in owners:
+                    # the issuer picks the provider: two owners would make one of them dead config
+                    raise ValueError(
+                        f"issuer {issuer!r} is listed by providers {owners[issuer]!r} and {provider.name!r}"
+                    )
+                owners[issuer] = provider.name
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationKey:
+    """A parsed public key and the one algorithm its JWK pins, if any."""
+
+    key: Any
+    alg: str | None = None
+
+    def fits(self, alg: str) -> bool:
+        if self.alg is not None and self.alg != alg:
+            return False
+        if not isinstance(self.key, _KEY_TYPES.get(alg, ())):
+            return False
+        curve = _EC_CURVES.get(alg)
+        return curve is None or self.key.curve.name == curve
+
+
+#: The last JWKS document each URL served, so a config reloaded while the IdP is down still has
+#: keys (a new step instance starts empty). Bounded; a JWKS holds only public keys.
+_LAST_GOOD_JWKS: dict[str, Mapping[str, Any]] = {}
+_LAST_GOOD_MAX = 64
+
+
+def _remember(url: str, document: Mapping[str, Any]) -> None:
+    _LAST_GOOD_JWKS.pop(url, None)
+    _LAST_GOOD_JWKS[url] = document
+    while len(_LAST_GOOD_JWKS) > _LAST_GOOD_MAX:
+        del _LAST_GOOD_JWKS[next(iter(_LAST_GOOD_JWKS))]
 
 
 class KeySet:
@@ -161,21 +235,27 @@ class KeySet:
         min_interval: float,
         clock: Callable[[], float],
         logger: logging.Logger,
+        on_loaded: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_loaded = on_loaded
         self._fetch = fetch
         self._ttl = ttl
         self._min_interval = min_interval
         self._clock = clock
         self._log = logger
-        self.by_kid: dict[str, Any] = {}
-        self.without_kid: list[Any] = []
+        self.by_kid: dict[str, VerificationKey] = {}
+        self.without_kid: list[VerificationKey] = []
         self.fetched_at = -math.inf
         self.last_attempt = -math.inf
-        self._inflight: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self.fetches = 0
+        self._inflight: asyncio.Task[bool] | None = None
+        self._background: set[asyncio.Task[bool]] = set()
 
-    def set_static(self, keys: Sequence[tuple[str | None, Any]]) -> None:
+    def __len__(self) -> int:
+        return len(self.by_kid) + len(self.without_kid)
+
+    def set_static(self, keys: Sequence[tuple[str | None, VerificationKey]]) -> None:
         for kid, key in keys:
             if kid:
                 self.by_kid[kid] = key
@@ -184,45 +264,57 @@ class KeySet:
         self.fetched_at = math.inf
 
     def load_jwks(self, document: Mapping[str, Any]) -> int:
-        by_kid: dict[str, Any] = {}
-        without: list[Any] = []
-        for entry in document.get("keys", ()):
+        by_kid: dict[str, VerificationKey] = {}
+        without: list[VerificationKey] = []
+        entries = document.get("keys")
+        if not isinstance(entries, list):
+            raise ValueError("the JWKS has no 'keys' list")
+        for entry in entries:
             if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
                 continue
+            if entry.get("kty") == "oct":
+                # A symmetric key in a public key set: never usable (HS needs hs_secret_file).
+                self._log.warning("provider %s: ignoring symmetric JWK %r", self.name, entry.get("kid"))
+                continue
             try:
-                parsed = jwt.PyJWK.from_dict(dict(entry)).key
-            except jwt.PyJWTError as exc:
-                self._log.warning("provider %s: skipping unusable JWK %s: %s",
+                key = _jwk_key(entry)
+            except (jwt.PyJWTError, ValueError, TypeError) as exc:
+                self._log.warning("provider %s: skipping unusable JWK %r: %s",
                                   self.name, entry.get("kid", "?"), exc)
                 continue
             if entry.get("kid"):
-                by_kid[str(entry["kid"])] = parsed
+                by_kid[str(entry["kid"])] = key
             else:
-                without.append(parsed)
+                without.append(key)
         if not by_kid and not without:
             raise ValueError("the JWKS holds no usable signing key")
         self.by_kid, self.without_kid = by_kid, without
         return len(by_kid) + len(without)
 
-    async def refresh(self) -> None:
+    async def refresh(self) -> bool:
+        """Fetch the key set now (joining a fetch already running); True if it was loaded."""
         if self._fetch is None:
-            return
+            return True
         if self._inflight is None or self._inflight.done():
             self._inflight = asyncio.get_running_loop().create_task(self._do_refresh())
-        await asyncio.shield(self._inflight)
+        return await asyncio.shield(self._inflight)
 
-    async def _do_refresh(self) -> None:
+    async def _do_refresh(self) -> bool:
         assert self._fetch is not None
         self.last_attempt = self._clock()
+        self.fetches += 1
         try:
-            count = self.load_jwks(await self._fetch())
+            document = await self._fetch()
+            count = self.load_jwks(document)
         except Exception as exc:  # noqa: BLE001 (network, HTTP, JSON, key errors: keep the last good set)
-            kept = len(self.by_kid) + len(self.without_kid)
             self._log.warning("provider %s: JWKS refresh failed (%s); keeping %d cached key(s)",
-                              self.name, exc, kept)
-            return
+                              self.name, exc, len(self))
+            return False
         self.fetched_at = self._clock()
+        if self._on_loaded is not None:
+            self._on_loaded(document)
         self._log.info("provider %s: JWKS loaded, %d key(s)", self.name, count)
+        return True
 
     def _refresh_in_background(self) -> None:
         if self._inflight is not None and not self._inflight.done():
@@ -231,11 +323,12 @@ class KeySet:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def candidates(self, kid: str | None) -> list[Any]:
+    async def candidates(self, kid: str | None) -> list[VerificationKey]:
+        """The keys a token with this ``kid`` may be signed with (fetching if that may help)."""
         now = self._clock()
         can_fetch = self._fetch is not None and now - self.last_attempt >= self._min_interval
         if can_fetch and now - self.fetched_at > self._ttl:
-            if self.by_kid or self.without_kid:
+            if len(self):
                 self._refresh_in_background()  # serve from the stale set meanwhile
             else:
                 await self.refresh()
@@ -264,10 +357,19 @@ class _Reject(Exception):
         super().__init__(reason)
 
 
+@dataclass(frozen=True, slots=True)
+class _ProviderState:
+    config: Provider
+    keys: KeySet
+    secret: bytes | None
+    url: str | None
+
+
 class JwtAuthorizer:
+    """A compiled ``jwt`` step (see the module docstring)."""
+
     def __init__(self, config: JwtConfig, ctx: PluginContext) -> None:
         self._config = config
-        self._ctx = ctx
         self._log = ctx.logger
         self._clock = ctx.clock
         self._client: httpx.AsyncClient | None = None
@@ -276,16 +378,19 @@ class JwtAuthorizer:
         )
         self._cache_hits = ctx.metrics.counter("jwt_cache_hits", "Tokens answered from the cache")
         self._rejected = ctx.metrics.counter("jwt_rejected", "Tokens rejected")
-        self._providers: list[tuple[Provider, KeySet, bytes | None]] = []
+        self.identity_headers = config.forward.header_names()
+        self._providers: list[_ProviderState] = []
         for provider in config.providers:
             fetch: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
+            on_loaded: Callable[[Mapping[str, Any]], None] | None = None
             if provider.jwks_url is not None:
                 fetch = self._url_fetcher(provider)
+                on_loaded = functools.partial(_remember, provider.jwks_url)
             elif provider.jwks_file is not None:
                 fetch = self._file_fetcher(ctx.resolve(provider.jwks_file))
             keys = KeySet(
                 provider.name, fetch, provider.jwks_ttl_s, provider.jwks_min_refetch_interval_s,
-                ctx.clock, ctx.logger,
+                ctx.clock, ctx.logger, on_loaded,
             )
             secret = None
             if provider.hs_secret_file is not None:
@@ -294,19 +399,27 @@ class JwtAuthorizer:
                     raise ValueError(f"provider {provider.name!r}: the HS secret is shorter than 32 bytes")
             elif provider.keys:
                 keys.set_static([_inline_key(k) for k in provider.keys])
-            self._providers.append((provider, keys, secret))
-        self._by_issuer = {iss: entry for entry in self._providers for iss in entry[0].issuers}
-        realm = config.realm.replace('"', "")
+            self._providers.append(_ProviderState(provider, keys, secret, provider.jwks_url))
+        self._by_issuer = {iss: state for state in self._providers for iss in state.config.issuers}
+        realm = config.realm.replace('"', "").replace("\\", "")
         self._challenge = f'Bearer realm="{realm}"'
+        self._missing = Decision.deny(
+            401, headers={"www-authenticate": self._challenge}, reason="jwt: no token"
+        )
 
     def _url_fetcher(self, provider: Provider) -> Callable[[], Awaitable[Mapping[str, Any]]]:
         url = provider.jwks_url or ""
+        timeout = provider.jwks_timeout_s
 
         async def fetch() -> Mapping[str, Any]:
             if self._client is None:
-                self._client = httpx.AsyncClient(timeout=provider.jwks_timeout_s)
-            response = await self._client.get(url, headers={"accept": "application/json"})
+                self._client = httpx.AsyncClient(verify=tls_context())
+            response = await self._client.get(
+                url, headers={"accept": "application/json"}, timeout=timeout
+            )
             response.raise_for_status()
+            if len(response.content) > _MAX_JWKS_BYTES:
+                raise ValueError(f"the JWKS is larger than {_MAX_JWKS_BYTES} bytes")
             document = response.json()
             if not isinstance(document, Mapping):
                 raise ValueError("the JWKS is not a JSON object")
@@ -315,7 +428,7 @@ class JwtAuthorizer:
         return fetch
 
     @staticmethod
-    def _file_fetcher(path: Any) -> Callable[[], Awaitable[Mapping[str, Any]]]:
+    def _file_fetcher(path: Path) -> Callable[[], Awaitable[Mapping[str, Any]]]:
         async def fetch() -> Mapping[str, Any]:
             text = await asyncio.to_thread(path.read_text, encoding="utf-8")
             document = json.loads(text)
@@ -326,24 +439,44 @@ class JwtAuthorizer:
         return fetch
 
     async def start(self) -> None:
-        # Fetch keys now so the first requests need not wait; an unreachable JWKS is not fatal
-        # (requests are denied until keys arrive, and every unknown kid may trigger a refetch).
-        await asyncio.gather(*(keys.refresh() for _, keys, _ in self._providers))
+        """Fetch every provider's keys before serving.
+
+        A JWKS file that cannot be loaded rejects the config (it is ours to get right). An
+        unreachable JWKS URL does not: the step then uses the key set the same URL served before
+        a reload, if any, and otherwise denies until a fetch succeeds (each unknown ``kid`` may
+        trigger one, at most once per ``jwks_min_refetch_interval_s``).
+        """
+        results = await asyncio.gather(*(state.keys.refresh() for state in self._providers))
+        for state, loaded in zip(self._providers, results, strict=True):
+            if state.url is not None:
+                if not loaded and state.url in _LAST_GOOD_JWKS:
+                    count = state.keys.load_jwks(_LAST_GOOD_JWKS[state.url])
+                    self._log.warning(
+                        "provider %s: JWKS unreachable; serving the %d key(s) it last returned",
+                        state.config.name, count,
+                    )
+            elif state.config.jwks_file is not None and not loaded:
+                raise ValueError(
+                    f"provider {state.config.name!r}: cannot load jwks_file {state.config.jwks_file}"
+                )
 
     async def aclose(self) -> None:
-        for _, keys, _ in self._providers:
-            await keys.aclose()
+        for state in self._providers:
+            await state.keys.aclose()
         if self._client is not None:
             await self._client.aclose()
+
+    def key_set(self, provider: str) -> KeySet:
+        """The key set of a provider, by name (for tests and diagnostics)."""
+        return next(s.keys for s in self._providers if s.config.name == provider)
 
     async def check(self, request: CheckContext, /) -> Decision | None:
         found = find_credential(request, self._config.sources)
         if found is None:
             if self._config.on_missing == "abstain":
                 return None
-            return Decision.deny(
-                401, headers={"www-authenticate": self._challenge}, reason="jwt: no token"
-            )
+            self._log.debug("jwt denied: no token [request_id=%s]", request.request_id)
+            return self._missing
         token, source = found
         digest = credential_hash(token)
         cached = self._cache.get(digest)
@@ -361,6 +494,7 @@ class JwtAuthorizer:
                 reason=f"jwt: {reject.reason}",
             )
         if exp is not None:
+            # exp is wall-clock time; the cache runs on the (monotonic) step clock
             lifetime = min(exp - time.time(), self._config.cache.max_ttl_s)
             self._cache.put(digest, decision, self._clock() + lifetime)
         return self._strip(decision, request, source)
@@ -383,19 +517,24 @@ class JwtAuthorizer:
             raise _Reject(f"malformed token: {exc}") from exc
         alg = header.get("alg")
         issuer = unverified.get("iss")
-        entry = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
-        if entry is None:
+        state = self._by_issuer.get(issuer) if isinstance(issuer, str) else None
+        if state is None:
             raise _Reject(f"unknown issuer {str(issuer)[:100]!r}")
-        provider, keys, secret = entry
+        provider = state.config
         if not isinstance(alg, str) or alg not in provider.algorithms:
             raise _Reject(f"algorithm {str(alg)[:20]!r} not allowed for provider {provider.name}")
         kid = header.get("kid")
-        if secret is not None:
-            candidates: list[Any] = [secret]
+        candidates: list[Any]
+        if state.secret is not None:
+            candidates = [state.secret]
         else:
-            candidates = await keys.candidates(str(kid) if kid is not None else None)
+            keys = await state.keys.candidates(str(kid) if kid is not None else None)
+            candidates = [k.key for k in keys if k.fits(alg)]
             if not candidates:
-                raise _Reject(f"no key for kid {str(kid)[:64]!r} (provider {provider.name})")
+                raise _Reject(
+                    f"no {alg} key for kid {str(kid)[:64]!r} (provider {provider.name}, "
+                    f"{len(state.keys)} key(s) loaded)"
+                )
         options: dict[str, Any] = {"require": list(provider.required_claims)}
         if provider.allow_any_audience and not provider.audiences:
             options["verify_aud"] = False
@@ -443,11 +582,21 @@ def _describe(exc: jwt.PyJWTError) -> str:
     return f"invalid token: {exc}"
 
 
-def _inline_key(key: str | dict[str, Any]) -> tuple[str | None, Any]:
+def _jwk_key(entry: Mapping[str, Any]) -> VerificationKey:
+    alg = entry.get("alg")
+    jwk = jwt.PyJWK.from_dict(dict(entry))
+    return VerificationKey(jwk.key, str(alg) if alg else None)
+
+
+def _inline_key(key: str | dict[str, Any]) -> tuple[str | None, VerificationKey]:
     if isinstance(key, dict):
-        jwk = jwt.PyJWK.from_dict(key)
-        return key.get("kid"), jwk.key
-    return None, serialization.load_pem_public_key(key.encode())
+        if key.get("kty") == "oct":
+            raise ValueError("inline symmetric JWKs are not accepted; use hs_secret_file")
+        return key.get("kid"), _jwk_key(key)
+    public = serialization.load_pem_public_key(key.encode())
+    if not isinstance(public, RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey):
+        raise ValueError(f"unsupported inline key type {type(public).__name__}")
+    return None, VerificationKey(public)
 
 
 @hookimpl

@@ -108,7 +108,10 @@ def test_unknown_plugin_kind(host: PluginHost) -> None:
     problems = problems_of("policies: {demo: {steps: [{plugin: allow}, {plugin: jwt-magic}]}}", host)
     assert len(problems) == 1
     assert problems[0].startswith("policies.demo.steps[1].plugin: unknown plugin kind 'jwt-magic'")
-    assert "known: allow, deny, header-match, script, set-headers" in problems[0]
+    assert (
+        "known: allow, api-key, basic-auth, client-cidr, deny, header-match, jwt, "
+        "oauth2-introspection, script, set-headers" in problems[0]
+    )
 
 
 def test_bad_plugin_config_field(host: PluginHost) -> None:

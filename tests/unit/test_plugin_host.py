@@ -16,7 +16,10 @@ from extsvc.plugin import host as host_module
 from extsvc.plugin.host import BUILTIN_PLUGINS, PluginHost
 from extsvc.settings import Settings
 
-BUILTIN_KINDS = {"allow", "deny", "header-match", "set-headers"}
+BUILTIN_KINDS = {
+    "allow", "deny", "header-match", "set-headers",
+    "jwt", "api-key", "basic-auth", "client-cidr", "oauth2-introspection",
+}
 
 
 class EmptyConfig(BaseModel, frozen=True, extra="forbid"):

@@ -1,0 +1,324 @@
+"""Rate-limit throughput: extsvc (memory and Redis stores) vs a bare RLS servicer (the floor).
+
+Every server is driven by h2load with the same pre-encoded gRPC RateLimitRequest of 3 descriptors
+(the shape Envoy sends for c-ratelimit.yaml's route: generic_key + api_key, remote_address,
+generic_key + destination_cluster); rounds alternate between the floor and the case so that machine
+noise hits both. Printed per case: requests/s, p50/p99 latency, server CPU per RPC, the ratio to the
+floor's throughput (median of the rounds) and, for Redis, the Redis round trips per RPC counted
+from ``INFO commandstats`` (EVALSHA + EVAL + pipelines' commands) over the measured rounds.
+
+    .venv/bin/python bench/ratelimit_bench.py
+    .venv/bin/python bench/ratelimit_bench.py --requests 20000 --rounds 5 --case redis
+
+Needs h2load (Debian nghttp2-client) and redis-server. Everything runs on 127.0.0.1 (its own
+redis-server on a free port) and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+RLS_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+CASES = ("memory", "redis")
+
+DOMAIN = """
+domain: bench
+descriptors:
+  - key: generic_key
+    value: api
+    descriptors:
+      - key: api_key
+        rate_limit: {unit: hour, requests_per_unit: 4000000000, name: api}
+  - key: remote_address
+    rate_limit: {unit: hour, requests_per_unit: 4000000000, name: per-ip}
+  - key: generic_key
+    value: per_route
+    descriptors:
+      - key: destination_cluster
+        rate_limit: {unit: hour, requests_per_unit: 4000000000, name: per-route}
+"""
+
+
+def rls_request() -> rls_pb2.RateLimitRequest:
+    entry = ratelimit_pb2.RateLimitDescriptor.Entry
+    descriptor = ratelimit_pb2.RateLimitDescriptor
+    return rls_pb2.RateLimitRequest(domain="bench", descriptors=[
+        descriptor(entries=[entry(key="generic_key", value="api"), entry(key="api_key", value="k1")]),
+        descriptor(entries=[entry(key="remote_address", value="127.0.0.1")]),
+        descriptor(entries=[entry(key="generic_key", value="per_route"),
+                            entry(key="destination_cluster", value="backend")]),
+    ])
+
+
+def request_frame() -> bytes:
+    payload = rls_request().SerializeToString()
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+# --- the floor: a bare servicer answering a constant OK with 3 statuses ---------------------
+
+
+def serve_floor(port: int) -> None:
+    import grpc
+    from envoy.service.ratelimit.v3 import rls_pb2_grpc
+
+    ok = rls_pb2.RateLimitResponse.OK
+    answer = rls_pb2.RateLimitResponse(
+        overall_code=ok, statuses=[rls_pb2.RateLimitResponse.DescriptorStatus(code=ok)] * 3
+    )
+
+    class Floor(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+        async def ShouldRateLimit(self, request: object, context: object) -> object:
+            return answer
+
+    async def main() -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Floor(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+# --- plumbing --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def wait_ready(admin_port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("extsvc did not become ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def redis_cli(port: int, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def redis_calls(port: int) -> int:
+    """Commands clients sent (script-internal commands excluded)."""
+    calls = 0
+    for line in redis_cli(port, "info", "commandstats").splitlines():
+        if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_multi:")):
+            calls += int(dict(p.split("=", 1) for p in line.split(":", 1)[1].split(","))["calls"])
+    return calls
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float
+    failed: int
+    requests: int
+
+
+def h2load(port: int, frame_file: Path, pid: int, requests: int, clients: int, streams: int) -> Sample:
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        before = cpu_seconds(pid)
+        out = subprocess.run(
+            ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
+             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"--log-file={log.name}", f"http://127.0.0.1:{port}{RLS_PATH}"],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout
+        cpu = cpu_seconds(pid) - before
+        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line]
+    latencies = sorted(int(r[2]) for r in rows if r[1] == "200")
+    rps = next(float(line.split()[3]) for line in out.splitlines() if line.startswith("finished in"))
+    if not latencies:
+        raise RuntimeError(f"no successful request:\n{out}")
+    return Sample(
+        rps=rps,
+        p50_ms=latencies[len(latencies) // 2] / 1000,
+        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000,
+        cpu_us=cpu / max(len(latencies), 1) * 1e6,
+        failed=sum(1 for r in rows if r[1] != "200"),
+        requests=len(rows),
+    )
+
+
+def check_answer(port: int) -> None:
+    """The bench request really is limited (3 statuses with current_limit) and allowed."""
+    import grpc
+    from envoy.service.ratelimit.v3 import rls_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(rls_request(), timeout=5)
+    if answer.overall_code != rls_pb2.RateLimitResponse.OK or len(answer.statuses) != 3 or not all(
+        s.HasField("current_limit") for s in answer.statuses
+    ):
+        raise RuntimeError(f"unexpected answer to the bench request: {answer}")
+
+
+def write_config(workdir: Path, case: str, redis_port: int | None) -> Path:
+    (workdir / "domains").mkdir(exist_ok=True)
+    (workdir / "domains" / "bench.yaml").write_text(DOMAIN)
+    store = "{type: memory}" if case == "memory" else \
+        f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}/0', pool: 64}}"
+    path = workdir / f"{case}.yaml"
+    path.write_text(f"version: 1\nratelimit:\n  config_dir: domains\n  store: {store}\n")
+    return path
+
+
+def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, object]:
+    frame_file = workdir / "request.bin"
+    frame_file.write_bytes(request_frame())
+    redis: subprocess.Popen[bytes] | None = None
+    redis_port = None
+    if case == "redis":
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        )
+        wait_port(redis_port)
+    floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
+    floor = subprocess.Popen([PY, __file__, "--serve-floor", str(floor_port)])
+    ext = subprocess.Popen(
+        [PY, "-m", "extsvc", "serve", "--config", str(write_config(workdir, case, redis_port)),
+         "--grpc-address", f"127.0.0.1:{ext_port}", "--admin-address", f"127.0.0.1:{admin_port}",
+         "--log-level", "WARNING"],
+        cwd=workdir,
+    )
+    try:
+        wait_port(floor_port)
+        wait_ready(admin_port)
+        check_answer(ext_port)
+        warm = max(args.requests // 10, 500)
+        for port, pid in ((floor_port, floor.pid), (ext_port, ext.pid)):
+            h2load(port, frame_file, pid, warm, args.clients, args.streams)
+        floor_samples, ext_samples = [], []
+        calls_before = redis_calls(redis_port) if redis_port else 0
+        for _ in range(args.rounds):
+            floor_samples.append(h2load(floor_port, frame_file, floor.pid, args.requests,
+                                        args.clients, args.streams))
+            ext_samples.append(h2load(ext_port, frame_file, ext.pid, args.requests,
+                                      args.clients, args.streams))
+        round_trips = None
+        if redis_port:
+            answered = sum(s.requests for s in ext_samples)
+            round_trips = (redis_calls(redis_port) - calls_before) / answered
+    finally:
+        for proc in (floor, ext, redis):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=15)
+    ratios = [e.rps / f.rps for e, f in zip(ext_samples, floor_samples, strict=True)]
+    return {
+        "case": case,
+        "floor": median_sample(floor_samples),
+        "extsvc": median_sample(ext_samples),
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "round_trips": round_trips,
+    }
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    return Sample(
+        rps=statistics.median(s.rps for s in samples),
+        p50_ms=statistics.median(s.p50_ms for s in samples),
+        p99_ms=statistics.median(s.p99_ms for s in samples),
+        cpu_us=statistics.median(s.cpu_us for s in samples),
+        failed=sum(s.failed for s in samples),
+        requests=sum(s.requests for s in samples),
+    )
+
+
+def print_table(results: list[dict[str, object]]) -> None:
+    print("| case | server | req/s | p50 ms | p99 ms | CPU µs/RPC | failed | ratio vs floor "
+          "| Redis round trips/RPC |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for result in results:
+        for name in ("floor", "extsvc"):
+            s: Sample = result[name]  # type: ignore[assignment]
+            ratio = f"**{result['ratio']:.2f}**" if name == "extsvc" else ""
+            trips = result["round_trips"]
+            rt = f"{trips:.3f}" if name == "extsvc" and isinstance(trips, float) else ""
+            print(f"| {result['case']} | {name} | {s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} "
+                  f"| {s.cpu_us:.0f} | {s.failed} | {ratio} | {rt} |")
+        ratios = ", ".join(f"{r:.2f}" for r in result["ratios"])  # type: ignore[attr-defined]
+        print(f"|  | rounds |  |  |  |  |  | {ratios} |  |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--case", action="append", choices=CASES)
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
+    args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return 0
+    missing = [t for t in ("h2load", "redis-server") if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)} (apt-get install nghttp2-client redis-server)",
+              file=sys.stderr)
+        return 2
+    results = []
+    with tempfile.TemporaryDirectory(prefix="extsvc-rl-bench-") as tmp:
+        for case in args.case or CASES:
+            print(f"running {case} ...", file=sys.stderr)
+            results.append(run_case(case, Path(tmp), args))
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

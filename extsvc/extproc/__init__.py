@@ -1,0 +1,1 @@
+"""ext_proc: the ExternalProcessor service."""

@@ -1,0 +1,249 @@
+"""One ext_proc stream as a state machine: fed ``ProcessingRequest``s, returns the answers.
+
+No I/O here (the gRPC adapter in :mod:`extsvc.extproc.service` reads and writes); the only thing
+awaited is the policy's processors. Feed it messages in a test and look at what comes back.
+
+Protocol rules it keeps (envoy-protocols.md §2, checklist items in brackets):
+
+- every message gets exactly one answer of the matching phase, or an immediate response [2, 3];
+  FULL_DUPLEX_STREAMED body chunks get ``streamed_response`` chunks instead (none for an empty
+  intermediate chunk) [11]; nothing at all in observability mode (§2.8);
+- per direction: headers at most once and first, then body chunks, then trailers; nothing after
+  the direction ended (``end_of_stream`` or trailers) [18] -- a violation raises ProtocolError;
+- a stream may begin with ``response_headers`` (a local reply of an earlier filter);
+- after an immediate response Envoy ignores the stream, so later messages get no answer;
+- after CONTINUE_AND_REPLACE a direction's later messages (there should be none) pass unchanged;
+- the first headers answer carries a ``mode_override`` switching off the phases no processor
+  needs, both body modes spelled out [12], never with FULL_DUPLEX_STREAMED or
+  ``send_body_without_waiting_for_header_response`` (Envoy ignores it there);
+- BUFFERED bodies whose length changes get ``content-length`` in the same answer [8].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from extsvc.extproc import convert
+from extsvc.extproc.model import BodyMode, Exchange, HttpMessage, ImmediateReply, Phase
+
+if TYPE_CHECKING:
+    from extsvc.extproc.pipeline import CompiledExtprocPolicy, ExtprocPolicies
+
+
+class ProtocolError(Exception):
+    """Envoy sent something the protocol does not allow; the RPC ends with an error.
+
+    :ivar reason: a short label for the metric (``empty``, ``order``).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Direction:
+    __slots__ = ("body_started", "done", "headers_seen", "replaced")
+
+    def __init__(self) -> None:
+        self.headers_seen = False
+        self.body_started = False
+        self.done = False
+        self.replaced = False
+
+
+_NOTHING: list[Any] = []
+
+
+class ExtprocStream:
+    """The state of one ``Process`` stream.
+
+    :param policies: the runtime's ext_proc policies (``None``: none configured).
+    :param authority: returns the gRPC call's ``:authority``; called at most once.
+    :param clock: monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        policies: ExtprocPolicies | None,
+        *,
+        authority: Callable[[], str] = str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._policies = policies
+        self._authority = authority
+        self.exchange = Exchange(
+            clock=clock, decode=convert.decode_headers, decode_struct=convert.decode_struct_map
+        )
+        self.policy: CompiledExtprocPolicy | None = None
+        self.policy_name = ""
+        #: set when no policy could be chosen (the stream was answered with an error reply)
+        self.unknown_policy = False
+        #: an immediate response was sent: Envoy closes the stream and ignores later answers
+        self.finished = False
+        self.immediate_status: int | None = None
+        self.override_sent = False
+        self.received = 0
+        self.sent = 0
+        self._started = False
+        self._no_wait = False
+        self._request = _Direction()
+        self._response = _Direction()
+
+    async def feed(self, request: Any) -> list[Any]:
+        """Process one ``ProcessingRequest``; the answers to send, in order (often exactly one).
+
+        :raises ProtocolError: empty message, or a phase out of order.
+        """
+        phase = convert.phase_of(request)
+        if phase is None:
+            raise ProtocolError("empty", "ProcessingRequest without a request (empty oneof)")
+        self.received += 1
+        if self.finished:
+            return _NOTHING
+        direction = self._request if phase.is_request else self._response
+        self._check_order(phase, direction)
+        inner = getattr(request, phase.field)
+        exchange = self.exchange
+        if phase.is_headers:
+            if phase.is_request:
+                exchange._raw_request_headers = inner.headers
+                exchange._request_headers = None
+            else:
+                exchange._raw_response_headers = inner.headers
+                exchange._response_headers = None
+            if len(request.attributes):
+                exchange.add_attributes(request.attributes)
+        metadata = convert.metadata_of(request)
+        if len(metadata):
+            exchange._metadata_raw = metadata
+            exchange._metadata = None
+
+        if not self._started:
+            reply = self._start(request)
+            if reply is not None:
+                self.finished = True
+                return self._emit(convert.immediate(reply), reply.status)
+
+        policy = self.policy
+        assert policy is not None
+        observe_only = bool(request.observability_mode)
+        body_mode = (
+            exchange.request_body_mode if phase.is_request else exchange.response_body_mode
+        )
+        duplex = phase.is_body and body_mode is BodyMode.FULL_DUPLEX_STREAMED
+        end_of_stream = phase.is_trailers or bool(getattr(inner, "end_of_stream", False))
+        if direction.replaced:
+            response: Any = _unchanged(phase, inner, duplex)
+        elif not policy.needs[phase.number]:
+            response = _unchanged(phase, inner, duplex)
+        else:
+            message = HttpMessage(
+                phase,
+                exchange,
+                body=inner.body if phase.is_body else b"",
+                end_of_stream=end_of_stream,
+                raw_trailers=inner.trailers if phase.is_trailers else None,
+            )
+            await policy.run(message)
+            if message.reply is not None:
+                if observe_only:
+                    return _NOTHING
+                self.finished = True
+                return self._emit(convert.immediate(message.reply), message.reply.status)
+            if message.replace_requested:
+                direction.replaced = True
+            if duplex and not message.body and not end_of_stream:
+                response = None  # nothing to pass on for this chunk yet
+            else:
+                response = convert.answer(
+                    message,
+                    content_length=(
+                        phase.is_body
+                        and body_mode is BodyMode.BUFFERED
+                        and direction.headers_seen
+                        and "content-length" in message.headers
+                    ),
+                    streamed=duplex,
+                )
+        if end_of_stream:
+            direction.done = True
+        if phase.is_headers and not self.override_sent:
+            response = self._maybe_override(phase, response)
+        if phase.is_request:
+            exchange.request_done = exchange.clock()
+        if observe_only or response is None:
+            return _NOTHING
+        self.sent += 1
+        return [response]
+
+    def _emit(self, response: Any, status: int) -> list[Any]:
+        self.immediate_status = status
+        self.sent += 1
+        return [response]
+
+    def _check_order(self, phase: Phase, direction: _Direction) -> None:
+        if direction.done and not direction.replaced:
+            raise ProtocolError("order", f"{phase.value} after that direction ended")
+        if phase.is_headers:
+            if direction.headers_seen or direction.body_started:
+                raise ProtocolError("order", f"{phase.value} after headers or body")
+            direction.headers_seen = True
+        elif phase.is_body:
+            direction.body_started = True
+
+    def _start(self, request: Any) -> ImmediateReply | None:
+        """First message: body modes from ``protocol_config``, then the policy (§2.1)."""
+        self._started = True
+        exchange = self.exchange
+        modes = convert.body_modes(request)
+        if modes is not None:
+            exchange.request_body_mode, exchange.response_body_mode, self._no_wait = modes
+        policies = self._policies
+        if policies is None:
+            name, policy = "", None
+        else:
+            name, policy = policies.select(self._authority, exchange)
+        self.policy_name = name
+        exchange.policy = name
+        if policy is None:
+            # Never a silent pass-through of an unknown policy (STYLE §6): fail closed.
+            self.unknown_policy = True
+            detail = f"unknown ext_proc policy {name!r}" if name else "no ext_proc policy chosen"
+            return ImmediateReply(500, b"", {}, f"extsvc: {detail}", None)
+        self.policy = policy
+        return None
+
+    def _maybe_override(self, phase: Phase, response: Any) -> Any:
+        """Add ``mode_override`` to the first headers answer when it saves messages."""
+        policy = self.policy
+        if response is None or policy is None or not policy.mode_override or self._no_wait:
+            return response
+        exchange = self.exchange
+        configured = (exchange.request_body_mode, exchange.response_body_mode)
+        if BodyMode.FULL_DUPLEX_STREAMED in configured:
+            return response  # §2.3: mode_override unsupported with FULL_DUPLEX_STREAMED
+        needs = policy.phases
+        request_body = configured[0] if Phase.REQUEST_BODY in needs else BodyMode.NONE
+        response_body = configured[1] if Phase.RESPONSE_BODY in needs else BodyMode.NONE
+        skip_headers = phase is Phase.REQUEST_HEADERS and Phase.RESPONSE_HEADERS not in needs
+        if (request_body, response_body) == configured and not skip_headers:
+            return response
+        self.override_sent = True
+        exchange.request_body_mode, exchange.response_body_mode = request_body, response_body
+        return convert.with_mode_override(
+            response,
+            request_body=request_body,
+            response_body=response_body,
+            skip_response_headers=skip_headers,
+        )
+
+
+def _unchanged(phase: Phase, inner: Any, duplex: bool) -> Any:
+    """The unchanged answer; in FULL_DUPLEX_STREAMED the chunk itself goes back (or nothing)."""
+    if not duplex:
+        return convert.CONTINUE[phase.number]
+    if not inner.body and not inner.end_of_stream:
+        return None
+    return convert.echo_chunk(phase, inner.body, inner.end_of_stream)

@@ -1,0 +1,7 @@
+"""The rate-limit service (``envoy.service.ratelimit.v3.RateLimitService``).
+
+``config`` reads envoyproxy/ratelimit's domain files, ``algorithms`` holds the window and bucket
+maths, ``limiter`` turns a request into store operations and statuses, ``store`` keeps the counters
+(memory, Redis, Redis Cluster), ``convert`` and ``service`` speak the protocol, ``manager`` owns the
+pieces across config reloads.
+"""

@@ -1,0 +1,385 @@
+"""The pure core of the rate-limit service: descriptors in, one store call, statuses out.
+
+Matching follows envoyproxy/ratelimit (envoy-protocols.md §3.5): per level the exact
+``key_value``, else the first matching wildcard, else the bare ``key``; a limit applies only on the
+node matched by the request's last entry; a node without ``rate_limit`` there means "no limit";
+``replaces`` drops the named limits; ``unlimited`` answers OK with 2^32-1 remaining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from extsvc.errors import StoreError
+from extsvc.ratelimit import algorithms as alg
+from extsvc.ratelimit.algorithms import Algorithm, Op, Outcome
+from extsvc.ratelimit.config import (
+    MAX_UINT32,
+    UNIT_SECONDS,
+    Domain,
+    DomainSet,
+    Limit,
+    Node,
+    RateLimitSection,
+)
+from extsvc.ratelimit.store import LimitStore
+
+log = logging.getLogger(__name__)
+
+#: Local over-limit cache bound: past it, expired entries are dropped (then everything).
+LOCAL_CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class DescriptorRequest:
+    """One request descriptor: entries, Envoy's optional limit override and hits_addend."""
+
+    entries: tuple[tuple[str, str], ...]
+    override: tuple[int, int] | None = None  # (requests_per_unit, rls Unit number)
+    hits: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    over: bool
+    limit: Limit | None = None  # set: Envoy gets current_limit (and the x-ratelimit headers)
+    remaining: int = 0
+    reset_s: int = 0
+
+
+OK_NO_LIMIT = Status(False)
+UNLIMITED = Status(False, None, MAX_UINT32, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    over: bool
+    statuses: tuple[Status, ...]
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str = ""
+    #: why, when it is not the counters: "unknown-domain", "store-error" (for logs and tests)
+    note: str = ""
+
+
+def match(domain: Domain, entries: Sequence[tuple[str, str]]) -> tuple[Limit | None, list[Node]]:
+    """The limit for ``entries`` and the nodes matched on the way."""
+    node = domain.root
+    path: list[Node] = []
+    limit: Limit | None = None
+    last = len(entries) - 1
+    for index, (key, value) in enumerate(entries):
+        nxt = node.exact.get((key, value))
+        if nxt is None:
+            for wkey, pattern, candidate in node.wildcards:
+                if wkey == key and pattern.fullmatch(value):
+                    nxt = candidate
+                    break
+        if nxt is None:
+            nxt = node.bare.get(key)
+        if nxt is None:
+            break
+        path.append(nxt)
+        if index == last:
+            limit = nxt.limit
+        node = nxt
+    return limit, path
+
+
+class _Stats:
+    __slots__ = ("hits", "local_cache", "near", "over", "shadow", "within")
+
+    def __init__(self, metrics: Any, domain: str, label: str) -> None:
+        self.hits = metrics.rl_hits.labels(domain, label)
+        self.over = metrics.rl_over_limit.labels(domain, label)
+        self.near = metrics.rl_near_limit.labels(domain, label)
+        self.within = metrics.rl_within_limit.labels(domain, label)
+        self.shadow = metrics.rl_shadow_mode.labels(domain, label)
+        self.local_cache = metrics.rl_over_limit_local_cache.labels(domain, label)
+
+
+class Limiter:
+    """One compiled rate-limit config: the section's settings, the domains and the store.
+
+    :param metrics: the :class:`extsvc.observability.metrics.Metrics` (``rl_*`` metrics).
+    :param clock: unix time in seconds (a fake one in tests).
+    """
+
+    def __init__(
+        self,
+        section: RateLimitSection,
+        domains: DomainSet,
+        store: LimitStore,
+        metrics: Any,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.section = section
+        self.domains = domains
+        self.store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._remote = store.kind != "memory"
+        self._prefix = section.store.key_prefix
+        self._hash_tag = section.store.hash_tag
+        self._near_ratio = section.near_limit_ratio
+        self._local: dict[str, float] | None = {} if section.local_cache else None
+        self._stats: dict[tuple[str, str], _Stats] = {}
+        self._store_errors = {
+            mode: metrics.rl_store_errors.labels(store.kind, mode) for mode in ("allow", "deny")
+        }
+        self._unknown = metrics.rl_unknown_domain
+        over = section.over_limit
+        self._over_headers = tuple(over.headers.items())
+        self._over_body = over.body
+
+    def with_domains(self, domains: DomainSet) -> Limiter:
+        """The same settings and store (and counters) with other domains."""
+        twin = Limiter(self.section, domains, self.store, self._metrics, clock=self._clock)
+        twin._local = self._local
+        twin._stats = self._stats
+        return twin
+
+    def _stats_for(self, domain: str, label: str) -> _Stats:
+        stats = self._stats.get((domain, label))
+        if stats is None:
+            stats = self._stats[(domain, label)] = _Stats(self._metrics, domain, label)
+        return stats
+
+    async def should_rate_limit(
+        self,
+        domain_name: str,
+        descriptors: Sequence[DescriptorRequest],
+        request_hits: int = 0,
+        timeout_s: float | None = None,
+    ) -> Answer:
+        domain = self.domains.domains.get(domain_name)
+        if domain is None:
+            return self._unknown_domain(domain_name, len(descriptors))
+        default_hits = max(1, request_hits)
+        now = self._clock()
+        now_s = int(now)
+
+        # 1. Match every descriptor.
+        limits: list[Limit | None] = []
+        paths: list[list[Node]] = []
+        replaced: set[str] = set()
+        for d in descriptors:
+            path: list[Node] = []
+            if d.override is not None:
+                limit = self._override(d)
+            else:
+                limit, path = match(domain, d.entries)
+            if limit is not None and limit.replaces:
+                replaced |= limit.replaces
+            limits.append(limit)
+            paths.append(path)
+        if replaced:
+            limits = [None if (lm is not None and lm.name in replaced) else lm for lm in limits]
+
+        # 2. One store operation per limited descriptor.
+        statuses: list[Status | None] = [None] * len(descriptors)
+        ops: list[Op] = []
+        op_index: list[int] = []
+        stats: list[_Stats | None] = [None] * len(descriptors)
+        hits_of = [0] * len(descriptors)
+        for i, (d, limit) in enumerate(zip(descriptors, limits, strict=True)):
+            if limit is None:
+                statuses[i] = OK_NO_LIMIT
+                continue
+            if limit.unlimited:
+                statuses[i] = UNLIMITED
+                continue
+            hits = default_hits if d.hits is None else d.hits
+            hits_of[i] = hits
+            label = self._label(limit, paths[i], d.entries)
+            st = stats[i] = self._stats_for(domain_name, label)
+            st.hits.inc(hits)
+            base = self._base_key(domain_name, d.entries, paths[i])
+            op = self._op(limit, base, hits, now, now_s)
+            if op is None:  # a zero limit under sliding/token bucket: nothing can pass
+                statuses[i] = Status(True, limit, 0, limit.window_s)
+                st.over.inc(hits)
+                continue
+            if self._local is not None and op.kind == "f":
+                until = self._local.get(op.keys[0])
+                if until is not None and until > now:
+                    statuses[i] = Status(True, limit, 0, limit.window_s - now_s % limit.window_s)
+                    st.over.inc(hits)
+                    st.local_cache.inc(hits)
+                    continue
+            ops.append(op)
+            op_index.append(i)
+
+        # 3. One store call for the whole request.
+        if ops:
+            try:
+                if self._remote:
+                    async with asyncio.timeout(timeout_s):
+                        results = await self.store.apply(ops)
+                else:
+                    results = await self.store.apply(ops)
+            except (StoreError, TimeoutError, OSError) as exc:
+                return self._store_failed(exc, descriptors, limits, timeout_s)
+            for op, i, result in zip(ops, op_index, results, strict=True):
+                limit = limits[i]
+                assert limit is not None
+                outcome = self._outcome(limit, op, result, hits_of[i], now_s)
+                statuses[i] = self._account(limit, op, outcome, hits_of[i], stats[i], now)
+
+        final: tuple[Status, ...] = tuple(s if s is not None else OK_NO_LIMIT for s in statuses)
+        return self._answer(final, limits)
+
+    # --- pieces ---------------------------------------------------------------------------
+
+    def _override(self, d: DescriptorRequest) -> Limit | None:
+        assert d.override is not None
+        rpu, unit = d.override
+        window = UNIT_SECONDS.get(unit)
+        if window is None:
+            return None  # UNKNOWN unit: nothing to count in
+        label = ".".join(f"{k}_{v}" for k, v in d.entries)
+        return Limit(requests_per_unit=rpu, unit=unit, window_s=window, name="", label=label)
+
+    @staticmethod
+    def _label(limit: Limit, path: list[Node], entries: Sequence[tuple[str, str]]) -> str:
+        if limit.detailed_metric:
+            return ".".join(f"{k}_{v}" for k, v in entries)
+        if any(node.value_to_metric for node in path):
+            parts = []
+            for node, (k, v) in zip(path, entries, strict=False):
+                parts.append(f"{k}_{v}" if node.value_to_metric or node.value else k)
+            return limit.name or ".".join(parts)
+        return limit.label
+
+    def _base_key(self, domain: str, entries: Sequence[tuple[str, str]], path: list[Node]) -> str:
+        # envoy-protocols.md §3.5: prefix + domain + "_" + Σ(key_value_) + windowStart
+        parts = [self._prefix, f"{{{domain}}}" if self._hash_tag else domain, "_"]
+        for index, (key, value) in enumerate(entries):
+            shared = path[index].value if index < len(path) and path[index].share_threshold else None
+            # share_threshold: every value matching the wildcard shares one counter
+            parts.append(f"{key}_{shared or value}_")
+        return "".join(parts)
+
+    @staticmethod
+    def _op(limit: Limit, base: str, hits: int, now: float, now_s: int) -> Op | None:
+        if limit.algorithm is Algorithm.FIXED_WINDOW:
+            return alg.fixed_op(base, hits, limit.window_s, now_s)
+        if limit.requests_per_unit == 0:
+            return None
+        if limit.algorithm is Algorithm.SLIDING_WINDOW:
+            return alg.sliding_op(base, hits, limit.requests_per_unit, limit.window_s, int(now * 1000))
+        return alg.gcra_op(
+            base, hits, limit.requests_per_unit, limit.burst or limit.requests_per_unit,
+            limit.window_s, int(now * 1_000_000),
+        )
+
+    @staticmethod
+    def _outcome(limit: Limit, op: Op, result: tuple[int, int], hits: int, now_s: int) -> Outcome:
+        x, y = result
+        if op.kind == "f":
+            return alg.fixed_status(x, hits, limit.requests_per_unit, limit.window_s, now_s)
+        if op.kind == "s":
+            return alg.sliding_status(x, y, hits, limit.requests_per_unit, limit.window_s, now_s)
+        return alg.gcra_status(x, y, hits, op.a, op.b, op.c)
+
+    def _account(
+        self, limit: Limit, op: Op, outcome: Outcome, hits: int, st: _Stats | None, now: float
+    ) -> Status:
+        t = alg.tally(outcome, hits, limit.requests_per_unit, self._near_ratio)
+        if st is not None:
+            if t.over:
+                st.over.inc(t.over)
+            if t.near:
+                st.near.inc(t.near)
+            if t.within:
+                st.within.inc(t.within)
+        if outcome.over:
+            if self._local is not None and op.kind == "f":
+                self._remember(op.keys[0], now + outcome.reset_s)
+            if limit.shadow_mode:
+                if st is not None:
+                    st.shadow.inc(hits)
+                return Status(False, limit, 0, outcome.reset_s)
+        return Status(outcome.over, limit, outcome.remaining, outcome.reset_s)
+
+    def _remember(self, key: str, until: float) -> None:
+        local = self._local
+        assert local is not None
+        if len(local) >= LOCAL_CACHE_MAX:
+            now = self._clock()
+            for stale in [k for k, t in local.items() if t <= now]:
+                del local[stale]
+            if len(local) >= LOCAL_CACHE_MAX:
+                local.clear()
+        local[key] = until
+
+    def _answer(self, statuses: tuple[Status, ...], limits: Sequence[Limit | None]) -> Answer:
+        over = False
+        quota_total = quota_over = 0
+        for status, limit in zip(statuses, limits, strict=True):
+            if limit is not None and limit.quota_mode:
+                quota_total += 1
+                quota_over += status.over
+            elif status.over:
+                over = True
+        if quota_total and quota_over == quota_total:
+            over = True  # quota descriptors decide only when all of them are over
+        if over and self.section.shadow_mode:
+            self._metrics.rl_global_shadow_mode.inc()
+            over = False
+        headers: tuple[tuple[str, str], ...] = ()
+        if self.section.response_headers.enabled:
+            headers = self._limit_headers(statuses)
+        if over:
+            return Answer(True, statuses, headers + self._over_headers, self._over_body)
+        return Answer(False, statuses, headers)
+
+    def _limit_headers(self, statuses: Sequence[Status]) -> tuple[tuple[str, str], ...]:
+        chosen: Status | None = None
+        for status in statuses:
+            if status.limit is not None and (chosen is None or status.remaining < chosen.remaining):
+                chosen = status
+        if chosen is None or chosen.limit is None:
+            return ()
+        names = self.section.response_headers
+        return (
+            (names.limit, str(chosen.limit.requests_per_unit)),
+            (names.remaining, str(chosen.remaining)),
+            (names.reset, str(chosen.reset_s)),
+        )
+
+    def _unknown_domain(self, name: str, count: int) -> Answer:
+        self._unknown.inc()
+        log.warning("rate-limit request for unknown domain %r: answering %s",
+                    name[:128], self.section.unknown_domain)
+        over = self.section.unknown_domain == "over_limit"
+        statuses = tuple(Status(over) for _ in range(count))
+        if over:
+            return Answer(True, statuses, self._over_headers, self._over_body, note="unknown-domain")
+        return Answer(False, statuses, note="unknown-domain")
+
+    def _store_failed(
+        self,
+        exc: BaseException,
+        descriptors: Sequence[DescriptorRequest],
+        limits: Sequence[Limit | None],
+        timeout_s: float | None,
+    ) -> Answer:
+        mode = self.section.failure_mode
+        self._store_errors[mode].inc()
+        reason = f"no answer within {timeout_s * 1000:.0f} ms" if isinstance(exc, TimeoutError) and \
+            timeout_s is not None else str(exc) or type(exc).__name__
+        log.warning("rate-limit store %s failed (%s): answering per failure_mode=%s",
+                    self.store.kind, reason, mode)
+        if mode == "allow":
+            return Answer(False, tuple(OK_NO_LIMIT for _ in descriptors), note="store-error")
+        statuses = tuple(
+            Status(lm is not None and not lm.unlimited, lm if lm is not None and not lm.unlimited else None)
+            for lm in limits
+        )
+        return Answer(True, statuses, self._over_headers, self._over_body, note="store-error")

@@ -1,0 +1,26 @@
+"""Counter stores: one async call per request applies every descriptor's operation.
+
+A store implements :class:`LimitStore`. ``apply`` gets the operations of one request (see
+:class:`extsvc.ratelimit.algorithms.Op`) and returns one ``(x, y)`` integer pair per operation:
+``(count after, 0)`` for ``f``, ``(admitted, usage)`` for ``s``, ``(admitted, tat)`` for ``g``.
+It raises :class:`extsvc.errors.StoreError` when it cannot answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from extsvc.ratelimit.algorithms import Op
+
+
+@runtime_checkable
+class LimitStore(Protocol):
+    #: label for metrics and logs: ``memory``, ``redis``, ``redis-cluster``
+    kind: str
+
+    async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        """Apply ``ops`` atomically per key; one round trip to a remote store."""
+        ...
+
+    async def aclose(self) -> None: ...

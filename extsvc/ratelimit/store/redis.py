@@ -1,0 +1,183 @@
+"""Redis and Redis Cluster stores: one Lua script call (EVALSHA) per request.
+
+The script applies every descriptor's operation of a request in one round trip, atomically (the
+algorithms are in :mod:`extsvc.ratelimit.algorithms`; the script transcribes their ``*_step``
+functions). On a cluster a script may only touch keys of one slot, so operations are grouped by
+slot and the groups run concurrently; with ``hash_tag: true`` every key of a domain carries the
+tag ``{<domain>}`` and a request is always one group, one call.
+
+Fixed-window keys and their expiry are envoyproxy/ratelimit's (``INCRBY`` then the window as TTL),
+so both servers can share a Redis during a migration (ratelimit also adds a random expiry jitter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from extsvc.errors import StoreError
+from extsvc.ratelimit.algorithms import Op
+from extsvc.ratelimit.config import StoreSettings, StoreType
+
+log = logging.getLogger(__name__)
+
+# KEYS: the keys of every op in order (f: 1, s: 2 (current, previous), g: 1).
+# ARGV: per op 5 values: kind, hits, a, b, c (see algorithms.*_op). Returns {x, y} per op.
+LUA = """
+local out = {}
+local k = 1
+for i = 1, #ARGV, 5 do
+  local kind = ARGV[i]
+  local hits = tonumber(ARGV[i + 1])
+  local a = tonumber(ARGV[i + 2])
+  local b = tonumber(ARGV[i + 3])
+  local c = tonumber(ARGV[i + 4])
+  if kind == 'f' then
+    local n = redis.call('INCRBY', KEYS[k], hits)
+    if n == hits then redis.call('PEXPIRE', KEYS[k], a) end
+    out[#out + 1] = {n, 0}
+    k = k + 1
+  elseif kind == 's' then
+    local cur = tonumber(redis.call('GET', KEYS[k]) or '0')
+    local prev = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+    local x = prev * b + 999999
+    local est = (x - x % 1000000) / 1000000 + cur
+    if est + hits > a then
+      out[#out + 1] = {0, est}
+    else
+      if hits > 0 then
+        redis.call('INCRBY', KEYS[k], hits)
+        redis.call('PEXPIRE', KEYS[k], c)
+      end
+      out[#out + 1] = {1, est + hits}
+    end
+    k = k + 2
+  else
+    local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
+    if tat < c then tat = c end
+    local new = tat + hits * a
+    if new - c > b then
+      out[#out + 1] = {0, tat}
+    else
+      if hits > 0 then
+        local ttl = new - c
+        redis.call('SET', KEYS[k], string.format('%d', new), 'PX', (ttl - ttl % 1000) / 1000 + 1)
+      end
+      out[#out + 1] = {1, new}
+    end
+    k = k + 1
+  end
+end
+return out
+"""
+
+
+def _flatten(ops: Sequence[Op]) -> tuple[list[str], list[Any]]:
+    keys: list[str] = []
+    args: list[Any] = []
+    for op in ops:
+        keys.extend(op.keys)
+        args.extend((op.kind, op.hits, op.a, op.b, op.c))
+    return keys, args
+
+
+def _common(settings: StoreSettings) -> dict[str, Any]:
+    timeout = settings.timeout_ms / 1000
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        # Never retry inside a request: the RPC deadline is short and the failure mode answers.
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if settings.password_file is not None:
+        options["password"] = Path(settings.password_file).read_text(encoding="utf-8").strip()
+    return options
+
+
+class RedisStore:
+    """A single Redis (or a proxy in front of several): one EVALSHA per request."""
+
+    kind = "redis"
+
+    def __init__(self, settings: StoreSettings) -> None:
+        assert settings.url is not None
+        pool = aredis.BlockingConnectionPool.from_url(
+            settings.url, max_connections=settings.pool, timeout=settings.timeout_ms / 1000,
+            **_common(settings),
+        )
+        self._client: aredis.Redis = aredis.Redis(connection_pool=pool)
+        self._script = self._client.register_script(LUA)
+
+    async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        keys, args = _flatten(ops)
+        try:
+            result = await self._script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis: {exc}") from exc
+        return [(int(x), int(y)) for x, y in result]
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._client.connection_pool.disconnect()
+
+
+class RedisClusterStore:
+    """Redis Cluster: one EVALSHA per hash slot touched (one per request with ``hash_tag``)."""
+
+    kind = "redis-cluster"
+
+    def __init__(self, settings: StoreSettings) -> None:
+        seeds = settings.urls or ([settings.url] if settings.url else [])
+        nodes = []
+        for seed in seeds:
+            address = seed.split("://", 1)[-1].rsplit("@", 1)[-1].split("/", 1)[0]
+            host, _, port = address.rpartition(":")
+            nodes.append(ClusterNode(host, int(port or 6379)))
+        self._client = RedisCluster(
+            startup_nodes=nodes,
+            max_connections=settings.pool,
+            require_full_coverage=False,
+            **_common(settings),
+        )
+        self._script = self._client.register_script(LUA)
+
+    async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        groups: dict[int, list[int]] = {}
+        for index, op in enumerate(ops):
+            groups.setdefault(key_slot(op.keys[0].encode()), []).append(index)
+        try:
+            if len(groups) == 1:
+                keys, args = _flatten(ops)
+                result = await self._script(keys=keys, args=args)
+                return [(int(x), int(y)) for x, y in result]
+            parts = list(groups.values())
+            answers = await asyncio.gather(
+                *(self._script(keys=k, args=a) for k, a in (_flatten([ops[i] for i in p]) for p in parts))
+            )
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis-cluster: {exc}") from exc
+        out: list[tuple[int, int]] = [(0, 0)] * len(ops)
+        for part, answer in zip(parts, answers, strict=True):
+            for index, (x, y) in zip(part, answer, strict=True):
+                out[index] = (int(x), int(y))
+        return out
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def build_redis_store(settings: StoreSettings) -> RedisStore | RedisClusterStore:
+    if settings.type is StoreType.REDIS_CLUSTER:
+        return RedisClusterStore(settings)
+    return RedisStore(settings)

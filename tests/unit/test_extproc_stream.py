@@ -1,0 +1,484 @@
+"""The ext_proc stream state machine, fed events (envoy-protocols.md §2.10 checklist in brackets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from extsvc.extproc.stream import ProtocolError
+from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
+
+from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers, which
+
+POST = {":path": "/orders", ":method": "POST", ":authority": "a", "content-type": "application/json",
+        "content-length": "23", "x-request-id": "rid-1"}
+BODY = b'{"item":"book","qty":2}'
+ONLY_REQUEST_HEADERS = "processors: [{plugin: script, config: {phases: [request_headers]}}]"
+
+
+@pytest.fixture
+def plugin() -> ScriptPlugin:
+    return ScriptPlugin()
+
+
+async def feed_all(stream, *messages):  # type: ignore[no-untyped-def]
+    out = []
+    for message in messages:
+        out.append(await stream.feed(message))
+    return out
+
+
+# -- phases and order [1, 2, 17, 18] ---------------------------------------------------------
+
+
+async def test_buffered_post_gets_one_matching_answer_per_phase(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_headers, request_body, response_headers, response_body]}}]")
+    answers = await feed_all(
+        stream,
+        headers_message(POST, modes=("buffered", "buffered")),
+        body_message(BODY),
+        headers_message({":status": "200", "content-length": "2"}, response=True),
+        body_message(b"{}", response=True),
+    )
+    assert [[which(a) for a in batch] for batch in answers] == [
+        ["request_headers"], ["request_body"], ["response_headers"], ["response_body"]
+    ]
+    assert [c[1].value for c in plugin.calls] == [
+        "request_headers", "request_body", "response_headers", "response_body"
+    ]
+    assert not answers[0][0].HasField("mode_override")  # every phase is needed
+    assert (stream.received, stream.sent) == (4, 4)
+
+
+async def test_get_without_body_and_no_body_message_after_end_of_stream(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, ONLY_REQUEST_HEADERS)
+    [answer] = await stream.feed(headers_message({":path": "/", ":method": "GET"}, end_of_stream=True,
+                                                 modes=("none", "none")))
+    assert which(answer) == "request_headers"
+    with pytest.raises(ProtocolError, match="after that direction ended") as caught:
+        await stream.feed(body_message(b"late"))
+    assert caught.value.reason == "order"
+
+
+async def test_a_stream_may_begin_with_response_headers(plugin: ScriptPlugin) -> None:
+    # An earlier filter (ext_authz 403) answered locally: only the response path reaches ext_proc.
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_headers, response_headers], set: {x-seen: '1'}}}]")
+    [answer] = await stream.feed(headers_message({":status": "403"}, response=True, modes=("none", "none")))
+    assert which(answer) == "response_headers"
+    assert set_headers(common(answer).header_mutation) == [("x-seen", b"1", False)]
+    assert stream.exchange.request_headers == {}
+    assert stream.exchange.request_done is None
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([headers_message(POST), headers_message(POST)], "after headers or body"),
+        ([body_message(b"x", end_of_stream=False), headers_message(POST)], "after headers or body"),
+        ([headers_message(POST), trailers_message({"t": "1"}), body_message(b"x")], "direction ended"),
+        ([headers_message(POST), body_message(b"x"), trailers_message({"t": "1"})], "direction ended"),
+        ([headers_message({":status": "200"}, response=True, end_of_stream=True),
+          body_message(b"x", response=True)], "direction ended"),
+    ],
+    ids=["headers-twice", "headers-after-body", "body-after-trailers", "trailers-after-eos",
+         "response-body-after-eos"],
+)
+async def test_protocol_errors(plugin: ScriptPlugin, messages: list[object], match: str) -> None:
+    stream = await scripted_stream(plugin, "processors: []")
+    with pytest.raises(ProtocolError, match=match):
+        await feed_all(stream, *messages)
+
+
+async def test_an_empty_message_is_a_protocol_error(plugin: ScriptPlugin) -> None:
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+    stream = await scripted_stream(plugin, "processors: []")
+    with pytest.raises(ProtocolError) as caught:
+        await stream.feed(pb.ProcessingRequest())
+    assert caught.value.reason == "empty"
+
+
+async def test_request_and_response_directions_may_interleave(plugin: ScriptPlugin) -> None:
+    # FULL_DUPLEX / early upstream replies: the response may start before the request ends.
+    stream = await scripted_stream(plugin, "processors: []")
+    answers = await feed_all(
+        stream,
+        headers_message(POST, modes=("streamed", "streamed")),
+        body_message(b"a", end_of_stream=False),
+        headers_message({":status": "200"}, response=True),
+        body_message(b"b"),
+        body_message(b"c", response=True),
+    )
+    assert [which(a[0]) for a in answers] == [
+        "request_headers", "request_body", "response_headers", "request_body", "response_body"
+    ]
+
+
+async def test_protocol_config_and_attributes_come_from_the_first_message(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_body, response_body]}}]")
+    await stream.feed(headers_message(POST, modes=("streamed", "buffered"),
+                                      attributes={"request.path": "/orders"}))
+    await stream.feed(headers_message({":status": "200"}, response=True,
+                                      attributes={"response.code": 200}))
+    exchange = stream.exchange
+    assert (exchange.request_body_mode.value, exchange.response_body_mode.value) == ("streamed", "buffered")
+    assert exchange.attributes == {"request.path": "/orders", "response.code": 200.0}
+
+
+# -- observability mode (§2.8) ----------------------------------------------------------------
+
+
+async def test_observability_mode_runs_processors_but_answers_nothing(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_headers, request_body], respond: 403}}]")
+    assert await stream.feed(headers_message(POST, modes=("streamed", "none"), observability=True)) == []
+    assert await stream.feed(body_message(b"x", observability=True)) == []
+    assert len(plugin.calls) == 2
+    assert stream.sent == 0
+
+
+# -- answers: mutations, immediate responses, replace [2, 5, 6, 8, 10, 13, 15, 16, 19] ------------
+
+
+async def test_header_mutations_use_raw_value_and_the_append_bool(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, """
+processors:
+  - {plugin: script, config: {phases: [request_headers], set: {x-a: "1", x-gone: "2"}, append: {x-b: "3"}}}
+  - {plugin: script, name: second, config: {phases: [request_headers], remove: [x-gone, x-drop]}}
+""")
+    [answer] = await stream.feed(headers_message({**POST, "x-drop": "d", "x-b": "0"}))
+    mutation = common(answer).header_mutation
+    assert set_headers(mutation) == [("x-a", b"1", False), ("x-b", b"3", True)]
+    assert list(mutation.remove_headers) == ["x-gone", "x-drop"]
+    # the second processor saw the first one's changes
+    assert plugin.calls[1][2]["x-a"] == "1" and plugin.calls[1][2]["x-b"] == "0,3"
+    assert stream.exchange.request_headers["x-b"] == "0,3"
+    assert "x-drop" not in stream.exchange.request_headers
+
+
+async def test_request_drain_is_never_set(plugin: ScriptPlugin) -> None:
+    # envoy-protocols.md §0.2: field 11 is streamed_immediate_response in Envoy 1.40.
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_headers], set: {x: y}}}]")
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "none")))
+    assert not answer.request_drain
+    assert b"\x58" not in answer.SerializeToString()[:1]
+
+
+@pytest.mark.parametrize(
+    "phase",
+    ["request_headers", "request_body", "request_trailers", "response_headers", "response_body",
+     "response_trailers"],
+)
+async def test_immediate_response_from_any_phase_ends_the_stream(plugin: ScriptPlugin, phase: str) -> None:
+    stream = await scripted_stream(plugin, f"processors: [{{plugin: script, config: "
+                                   f"{{phases: [{phase}], respond: 418}}}}]")
+    messages = [
+        headers_message(POST, modes=("buffered", "buffered")),
+        body_message(BODY, end_of_stream=False),
+        trailers_message({"x-t": "1"}),
+        headers_message({":status": "200"}, response=True),
+        body_message(b"{}", response=True, end_of_stream=False),
+        trailers_message({"x-t": "2"}, response=True),
+    ]
+    answers = await feed_all(stream, *messages)
+    hit = [i for i, batch in enumerate(answers) if batch and which(batch[0]) == "immediate_response"]
+    assert len(hit) == 1
+    reply = answers[hit[0]][0].immediate_response
+    assert (reply.status.code, reply.body, reply.details) == (418, b"stopped\n", "scripted")
+    assert set_headers(reply.headers) == [("x-stopped-by", b"script", False)]
+    assert all(batch == [] for batch in answers[hit[0] + 1:])  # Envoy ignores the rest
+    assert stream.finished and stream.immediate_status == 418
+
+
+async def test_continue_and_replace_stops_processing_that_direction(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_headers, request_body], body: 'injected', replace: true}}]")
+    get = headers_message({":path": "/", ":method": "GET"}, modes=("buffered", "none"))
+    [answer] = await stream.feed(get)
+    response = common(answer)
+    assert response.status == 1  # CONTINUE_AND_REPLACE
+    assert response.body_mutation.body == b"injected"
+    # If Envoy still sent the body, it passes untouched and the processor is not called again.
+    [later] = await stream.feed(body_message(b"late"))
+    assert which(later) == "request_body" and not later.request_body.HasField("response")
+    assert len(plugin.calls) == 1
+
+
+async def test_trailers_are_mutated_with_a_trailers_response(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_trailers], set: {x-checksum: ok}, remove: [x-t]}}]")
+    await stream.feed(headers_message(POST, modes=("none", "none")))
+    [answer] = await stream.feed(trailers_message({"x-t": "1"}))
+    assert which(answer) == "request_trailers"
+    mutation = answer.request_trailers.header_mutation
+    assert set_headers(mutation) == [("x-checksum", b"ok", False)]
+    assert list(mutation.remove_headers) == ["x-t"]
+    assert plugin.calls[0][2] == {"x-t": "1"}
+
+
+async def test_dynamic_metadata_and_clear_route_cache(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: {phases: "
+                                   "[request_headers], set: {':path': /v2}, route_cache: true, "
+                                   "metadata: {tier: gold, n: 2}}}]")
+    [answer] = await stream.feed(headers_message(POST, modes=("none", "none")))
+    assert common(answer).clear_route_cache
+    assert dict(answer.dynamic_metadata["ext_proc.demo"]) == {"tier": "gold", "n": 2.0}
+
+
+# -- body modes [2, 8, 9, 11] -------------------------------------------------------------------
+
+
+async def test_buffered_body_change_sets_content_length_in_the_same_answer(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body], body: 'a much longer body than before'}}]")
+    await stream.feed(headers_message(POST, modes=("buffered", "none")))
+    [answer] = await stream.feed(body_message(BODY))
+    response = common(answer)
+    assert response.body_mutation.body == b"a much longer body than before"
+    assert ("content-length", b"30", False) in set_headers(response.header_mutation)
+
+
+async def test_buffered_clear_body_sets_content_length_zero(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body], clear_body: true}}]")
+    await stream.feed(headers_message(POST, modes=("buffered", "none")))
+    [answer] = await stream.feed(body_message(BODY))
+    response = common(answer)
+    assert response.body_mutation.clear_body
+    assert set_headers(response.header_mutation) == [("content-length", b"0", False)]
+
+
+async def test_same_length_change_needs_no_content_length(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body], upper: true}}]")
+    await stream.feed(headers_message(POST, modes=("buffered", "none")))
+    [answer] = await stream.feed(body_message(BODY))
+    assert common(answer).body_mutation.body == BODY.upper()
+    assert set_headers(common(answer).header_mutation) == []
+
+
+@pytest.mark.parametrize("mode", ["streamed", "buffered_partial"])
+async def test_streamed_and_partial_bodies_get_no_content_length(plugin: ScriptPlugin, mode: str) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body], body: 'xx'}}]")
+    await stream.feed(headers_message(POST, modes=(mode, "none")))
+    [answer] = await stream.feed(body_message(BODY))
+    assert set_headers(common(answer).header_mutation) == []
+
+
+async def test_streamed_chunks_are_answered_one_by_one_in_order(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body], upper: true}}]")
+    await stream.feed(headers_message(POST, modes=("streamed", "none")))
+    chunks = [b"ab", b"cd", b""]
+    answers = [await stream.feed(body_message(c, end_of_stream=i == 2)) for i, c in enumerate(chunks)]
+    assert [len(a) for a in answers] == [1, 1, 1]
+    assert [common(a[0]).body_mutation.body for a in answers[:2]] == [b"AB", b"CD"]
+    assert [c[3] for c in plugin.calls] == chunks
+
+
+async def test_full_duplex_answers_with_streamed_response_chunks(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_headers, request_body], upper: true}}]")
+    [first] = await stream.feed(headers_message(POST, modes=("full_duplex_streamed", "none")))
+    assert not first.HasField("mode_override")  # unsupported in FULL_DUPLEX_STREAMED
+    a = await stream.feed(body_message(b"ab", end_of_stream=False))
+    empty = await stream.feed(body_message(b"", end_of_stream=False))
+    last = await stream.feed(body_message(b"cd", end_of_stream=True))
+    assert empty == []  # nothing to pass on: no answer needed in full duplex
+    chunks = [common(x[0]).body_mutation.streamed_response for x in (a, last)]
+    assert [(c.body, c.end_of_stream) for c in chunks] == [(b"AB", False), (b"CD", True)]
+
+
+async def test_full_duplex_without_processors_echoes_chunks(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: []")
+    await stream.feed(headers_message(POST, modes=("none", "full_duplex_streamed")))
+    await stream.feed(headers_message({":status": "200"}, response=True))
+    [answer] = await stream.feed(body_message(b"xyz", response=True, end_of_stream=True))
+    chunk = common(answer).body_mutation.streamed_response
+    assert (chunk.body, chunk.end_of_stream) == (b"xyz", True)
+
+
+# -- mode_override [12] --------------------------------------------------------------------------
+
+
+async def test_override_switches_off_unneeded_phases_with_both_body_modes(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_headers], set: {x: '1'}}}]")
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    mode = answer.mode_override
+    assert answer.HasField("mode_override")
+    assert (mode.request_body_mode, mode.response_body_mode) == (0, 0)   # NONE, NONE
+    assert mode.response_header_mode == 2  # SKIP
+    assert (mode.request_header_mode, mode.request_trailer_mode, mode.response_trailer_mode) == (0, 0, 0)
+    assert stream.override_sent
+
+
+async def test_override_keeps_the_needed_body_mode(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_body, response_headers]}}]")
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    mode = answer.mode_override
+    assert (mode.request_body_mode, mode.response_body_mode, mode.response_header_mode) == (2, 0, 0)
+
+
+async def test_override_on_a_stream_that_begins_with_response_headers(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, ONLY_REQUEST_HEADERS.replace("request_", "response_"))
+    [answer] = await stream.feed(headers_message({":status": "403"}, response=True,
+                                                 modes=("buffered", "buffered")))
+    assert answer.HasField("mode_override")
+    assert answer.mode_override.response_body_mode == 0
+    assert answer.mode_override.response_header_mode == 0
+
+
+@pytest.mark.parametrize(
+    ("policy", "modes", "no_wait"),
+    [
+        ("processors: [{plugin: script, config: {phases: [request_headers]}}]\nmode_override: false",
+         ("buffered", "buffered"), False),
+        ("processors: [{plugin: script, config: {phases: [request_headers, request_body, "
+         "response_headers, response_body]}}]", ("buffered", "streamed"), False),
+        ("processors: [{plugin: script, config: {phases: [request_headers]}}]",
+         ("buffered", "buffered"), True),
+    ],
+    ids=["disabled", "all-needed", "send-body-without-waiting"],
+)
+async def test_no_override(plugin: ScriptPlugin, policy: str, modes: tuple[str, str], no_wait: bool) -> None:
+    stream = await scripted_stream(plugin, policy)
+    first = headers_message(POST, modes=modes)
+    first.protocol_config.send_body_without_waiting_for_header_response = no_wait
+    [answer] = await stream.feed(first)
+    assert not answer.HasField("mode_override")
+
+
+async def test_phases_envoy_sends_anyway_are_answered(plugin: ScriptPlugin) -> None:
+    # allowed_override_modes may reject the override: every message must still be answered.
+    stream = await scripted_stream(plugin, ONLY_REQUEST_HEADERS)
+    answers = await feed_all(
+        stream,
+        headers_message(POST, modes=("buffered", "buffered")),
+        body_message(BODY),
+        headers_message({":status": "200"}, response=True),
+        body_message(b"{}", response=True),
+    )
+    assert [which(a[0]) for a in answers] == [
+        "request_headers", "request_body", "response_headers", "response_body"
+    ]
+    assert len(plugin.calls) == 1
+
+
+# -- errors and timeouts (on_error) ---------------------------------------------------------------
+
+
+async def test_a_failing_processor_fails_the_stream_with_500_by_default(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, name: broken, config: "
+                                   "{phases: [request_headers], fail: true}}]")
+    [answer] = await stream.feed(headers_message(POST))
+    reply = answer.immediate_response
+    assert reply.status.code == 500
+    assert reply.details == "extsvc_processor_failed:broken"
+
+
+async def test_on_error_continue_drops_only_the_failing_processors_changes(plugin: ScriptPlugin) -> None:
+    from extsvc.observability.metrics import Metrics
+    from extsvc.testing.extproc import stream_for
+
+    from .extproc_kit import script_host
+
+    metrics = Metrics()
+    stream = await stream_for("""
+extproc:
+  default_policy: p
+  policies:
+    p:
+      on_error: continue
+      processors:
+        - {plugin: script, name: first, config: {phases: [request_headers], set: {x-first: "1"}}}
+        - {plugin: script, name: broken, config: {phases: [request_headers], set: {x-broken: "1"},
+                                                  remove: [x-first], fail: true}}
+        - {plugin: script, name: third, config: {phases: [request_headers], set: {x-third: "1"}}}
+""", host=script_host(plugin), metrics=metrics)
+    [answer] = await stream.feed(headers_message(POST))
+    assert set_headers(common(answer).header_mutation) == [("x-first", b"1", False), ("x-third", b"1", False)]
+    assert list(common(answer).header_mutation.remove_headers) == []
+    assert plugin.calls[2][2]["x-first"] == "1"  # the third saw the state without the broken one
+    assert metrics.extproc_processor_errors.labels("p", "broken", "exception")._value.get() == 1
+
+
+async def test_an_overrunning_processor_is_answered_per_on_error(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, """
+timeout_ms: 20
+error_status: 503
+processors:
+  - {plugin: script, name: slow, config: {phases: [request_headers], sleep_s: 5}}
+""")
+    [answer] = await stream.feed(headers_message(POST))
+    assert answer.immediate_response.status.code == 503
+    assert answer.immediate_response.details == "extsvc_processor_failed:slow"
+
+
+async def test_on_error_continue_after_a_timeout_answers_with_what_was_done(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, """
+timeout_ms: 20
+on_error: continue
+processors:
+  - {plugin: script, config: {phases: [request_headers], set: {x-a: "1"}}}
+  - {plugin: script, name: slow, config: {phases: [request_headers], set: {x-slow: "1"}, sleep_s: 5}}
+""")
+    [answer] = await stream.feed(headers_message(POST))
+    assert set_headers(common(answer).header_mutation) == [("x-a", b"1", False)]
+
+
+# -- policy selection ------------------------------------------------------------------------------
+
+SELECT = """
+extproc:
+  default_policy: d
+  authority_policies: {gw.internal: a}
+  policy_attribute: xds.route_name
+  policy_metadata: {namespace: gw.meta, key: extproc}
+  policy_header: x-extproc-policy
+  policies:
+    a: {processors: [{plugin: headers, config: {request: {set: {x-policy: a}}}}]}
+    b: {processors: [{plugin: headers, config: {request: {set: {x-policy: b}}}}]}
+    c: {processors: [{plugin: headers, config: {request: {set: {x-policy: c}}}}]}
+    d: {processors: [{plugin: headers, config: {request: {set: {x-policy: d}}}}]}
+"""
+
+
+@pytest.mark.parametrize(
+    ("authority", "kwargs", "expected"),
+    [
+        ("gw.internal", {}, "a"),
+        ("b:9001", {}, "b"),
+        ("extsvc", {"attributes": {"xds.route_name": "c"}}, "c"),
+        ("extsvc", {"metadata": {"gw.meta": {"extproc": "b"}}}, "b"),
+        ("extsvc", {"headers": {**POST, "x-extproc-policy": "c"}}, "c"),
+        ("extsvc", {}, "d"),
+    ],
+    ids=["authority-map", "authority-name", "attribute", "metadata", "header", "default"],
+)
+async def test_policy_selection(authority: str, kwargs: dict[str, object], expected: str) -> None:
+    stream = await stream_for(SELECT, authority=authority)
+    headers = kwargs.pop("headers", POST)
+    [answer] = await stream.feed(headers_message(headers, **kwargs))  # type: ignore[arg-type]
+    assert stream.policy_name == expected
+    assert set_headers(common(answer).header_mutation) == [("x-policy", expected.encode(), False)]
+
+
+async def test_an_unknown_policy_fails_closed_with_500() -> None:
+    stream = await stream_for(SELECT.replace("default_policy: d", "default_policy: null"), authority="x")
+    [answer] = await stream.feed(headers_message({**POST, "x-extproc-policy": "nope"}))
+    assert answer.immediate_response.status.code == 500
+    assert "unknown ext_proc policy 'nope'" in answer.immediate_response.details
+    assert stream.unknown_policy
+
+
+async def test_no_extproc_section_fails_closed() -> None:
+    stream = await stream_for("policies: {}")
+    [answer] = await stream.feed(headers_message(POST))
+    assert answer.immediate_response.status.code == 500
+    assert answer.immediate_response.details == "extsvc: no ext_proc policy chosen"
