@@ -15,9 +15,11 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from extsvc.authz.convert import bind_policy, to_check_context, to_check_response
 from extsvc.authz.model import Decision
 from extsvc.config.runtime import Runtime, RuntimeHolder
+from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_throttle = LogThrottle()
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 #: gRPC metadata key carrying the authority when grpcio cannot expose ``:authority`` itself.
@@ -69,7 +71,10 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
-            log.warning("Check before the first config load: answering as an error")
+            held = _throttle.allow("not-ready")
+            if held is not None:
+                log.warning("Check before the first config load: answering as an error "
+                            "(%d more since the last report)", held)
             return _NOT_READY
         runtime.enter()
         try:

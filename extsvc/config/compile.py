@@ -33,7 +33,9 @@ def parse(text: str, *, source: str = "<config>") -> ExtsvcConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if data is None:
-        data = {}
+        # An empty document is never a deliberate config, but it is what a watcher sees between
+        # an editor's truncate and its write: rejecting it keeps the last good config serving.
+        raise ConfigError(f"{source}: the config is empty (expected at least one section)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:

@@ -18,9 +18,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from extsvc.authz.service import call_authority
 from extsvc.config.runtime import RuntimeHolder
 from extsvc.extproc.stream import ExtprocStream, ProtocolError
+from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
+_throttle = LogThrottle()
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -37,7 +39,10 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
-            log.warning("ext_proc stream before the first config load: ending it with UNAVAILABLE")
+            held = _throttle.allow("not-ready")
+            if held is not None:
+                log.warning("ext_proc stream before the first config load: ending it with "
+                            "UNAVAILABLE (%d more since the last report)", held)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "extsvc: no config loaded yet")
             return
         runtime.enter()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -66,3 +67,37 @@ def configure(level: str = "INFO", fmt: str = "text", redact: Iterable[str] = ()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class LogThrottle:
+    """Lets one log record per key through per ``interval_s``, counting the ones held back.
+
+    For warnings that a failure repeats on every request (no config yet, a store down, an unknown
+    policy): the metric counts every occurrence, the log says it once per interval and how many
+    were held back, so a Redis outage at 5,000 RPC/s is not 5,000 log lines a second.
+
+    Usage::
+
+        held = throttle.allow("store-down")
+        if held is not None:
+            log.warning("store down (%d more since the last report)", held)
+    """
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None when this record is held back, else how many were held back before it."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        if len(self._last) > 1024:  # keys can come from requests: bound the memory
+            self._last.clear()
+            self._held.clear()
+        self._last[key] = now
+        return self._held.pop(key, 0)

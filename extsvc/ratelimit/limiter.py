@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extsvc.errors import StoreError
+from extsvc.observability.logging import LogThrottle
 from extsvc.ratelimit import algorithms as alg
 from extsvc.ratelimit.algorithms import Algorithm, Op, Outcome
 from extsvc.ratelimit.config import (
@@ -30,6 +31,7 @@ from extsvc.ratelimit.config import (
 from extsvc.ratelimit.store import LimitStore
 
 log = logging.getLogger(__name__)
+_throttle = LogThrottle()
 
 #: Local over-limit cache bound: past it, expired entries are dropped (then everything).
 LOCAL_CACHE_MAX = 100_000
@@ -355,8 +357,10 @@ class Limiter:
 
     def _unknown_domain(self, name: str, count: int) -> Answer:
         self._unknown.inc()
-        log.warning("rate-limit request for unknown domain %r: answering %s",
-                    name[:128], self.section.unknown_domain)
+        held = _throttle.allow(f"domain:{name[:128]}")
+        if held is not None:
+            log.warning("rate-limit request for unknown domain %r: answering %s "
+                        "(%d more since the last report)", name[:128], self.section.unknown_domain, held)
         over = self.section.unknown_domain == "over_limit"
         statuses = tuple(Status(over) for _ in range(count))
         if over:
@@ -374,8 +378,10 @@ class Limiter:
         self._store_errors[mode].inc()
         reason = f"no answer within {timeout_s * 1000:.0f} ms" if isinstance(exc, TimeoutError) and \
             timeout_s is not None else str(exc) or type(exc).__name__
-        log.warning("rate-limit store %s failed (%s): answering per failure_mode=%s",
-                    self.store.kind, reason, mode)
+        held = _throttle.allow("store-failed")
+        if held is not None:
+            log.warning("rate-limit store %s failed (%s): answering per failure_mode=%s "
+                        "(%d more since the last report)", self.store.kind, reason, mode, held)
         if mode == "allow":
             return Answer(False, tuple(OK_NO_LIMIT for _ in descriptors), note="store-error")
         statuses = tuple(

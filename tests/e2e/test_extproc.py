@@ -70,7 +70,7 @@ def test_a_local_reply_from_ext_authz_reaches_ext_proc_as_response_headers(
         # Envoy ends such a stream right after the one answer, by half-close or by reset.
         return sum(
             extsvc_proc.metric("extsvc_extproc_streams_total", policy="headers", outcome=outcome)
-            for outcome in ("ok", "reset")
+            for outcome in ("ok", "reset", "cancelled")
         )
 
     before = reset_streams()
@@ -229,7 +229,7 @@ def test_mode_override_skips_the_phases_no_processor_needs(
     )
     streams = sum(  # Envoy ends these streams by half-close or by reset
         extsvc_proc.metric("extsvc_extproc_streams_total", policy="request-headers-only", outcome=o)
-        for o in ("ok", "reset")
+        for o in ("ok", "reset", "cancelled")
     )
     received = extsvc_proc.metric(
         "extsvc_extproc_messages_total", policy="request-headers-only", direction="received"

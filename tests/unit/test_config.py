@@ -69,8 +69,15 @@ async def test_the_demo_config_parses_and_compiles(host: PluginHost, metrics: Me
     assert allow_all.timeout_s is None
 
 
-def test_an_empty_file_is_an_empty_config() -> None:
-    config = parse("")
+@pytest.mark.parametrize("text", ["", "   \n", "# only a comment\n"])
+def test_an_empty_file_is_rejected(text: str) -> None:
+    # What a file watcher sees between an editor's truncate and write: never a config to serve.
+    with pytest.raises(ConfigError, match="the config is empty"):
+        parse(text, source="policies.yaml")
+
+
+def test_a_config_with_no_policies_is_valid() -> None:
+    config = parse("version: 1\n")
     assert config.policies == {}
     assert config.default_policy is None
 

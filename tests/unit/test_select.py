@@ -91,3 +91,4 @@ async def test_without_default_an_unknown_authority_selects_nothing(
     assert runtime.select({}, "other.example") == ("", None)
     assert runtime.select({}, "") == ("", None)
     assert runtime.select({}, "only:9001")[0] == "only"
+

@@ -13,12 +13,12 @@ so both servers can share a Redis during a migration (ratelimit also adds a rand
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -28,6 +28,7 @@ from redis.retry import Retry
 from extsvc.errors import StoreError
 from extsvc.ratelimit.algorithms import Op
 from extsvc.ratelimit.config import StoreSettings, StoreType
+from extsvc.ratelimit.store.resp import PipelinedRedis, RespError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ return out
 """
 
 
+LUA_SHA = hashlib.sha1(LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
+
+
 def _flatten(ops: Sequence[Op]) -> tuple[list[str], list[Any]]:
     keys: list[str] = []
     args: list[Any] = []
@@ -106,30 +110,37 @@ def _common(settings: StoreSettings) -> dict[str, Any]:
 
 
 class RedisStore:
-    """A single Redis (or a proxy in front of several): one EVALSHA per request."""
+    """A single Redis (or a proxy in front of several): one EVALSHA per request.
+
+    Uses the pipelining client of :mod:`extsvc.ratelimit.store.resp` (one connection, commands
+    of concurrent requests share writes); the script is loaded on first use and again whenever
+    Redis answers NOSCRIPT (after a restart or SCRIPT FLUSH).
+    """
 
     kind = "redis"
 
     def __init__(self, settings: StoreSettings) -> None:
         assert settings.url is not None
-        pool = aredis.BlockingConnectionPool.from_url(
-            settings.url, max_connections=settings.pool, timeout=settings.timeout_ms / 1000,
-            **_common(settings),
+        password = (
+            Path(settings.password_file).read_text(encoding="utf-8").strip()
+            if settings.password_file is not None else None
         )
-        self._client: aredis.Redis = aredis.Redis(connection_pool=pool)
-        self._script = self._client.register_script(LUA)
+        self._client = PipelinedRedis(
+            settings.url, timeout_s=settings.timeout_ms / 1000, password=password
+        )
 
     async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
         keys, args = _flatten(ops)
         try:
-            result = await self._script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis: {exc}") from exc
+            result = await self._client.call("EVALSHA", LUA_SHA, len(keys), *keys, *args)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise StoreError(f"redis: {exc}") from exc
+            result = await self._client.call("EVAL", LUA, len(keys), *keys, *args)
         return [(int(x), int(y)) for x, y in result]
 
     async def aclose(self) -> None:
         await self._client.aclose()
-        await self._client.connection_pool.disconnect()
 
 
 class RedisClusterStore:
