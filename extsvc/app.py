@@ -25,7 +25,12 @@ from grpc_reflection.v1alpha import reflection
 
 from extsvc.authz.service import SERVICE_NAME as AUTHZ_SERVICE
 from extsvc.authz.service import AuthorizationService
-from extsvc.config.provider import ConfigLoader, FileWatcher, embedded_default_config
+from extsvc.config.provider import (
+    ConfigLoader,
+    FileWatcher,
+    embedded_default_config,
+    embedded_default_dir,
+)
 from extsvc.config.runtime import Runtime, RuntimeHolder
 from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
@@ -158,11 +163,11 @@ class ExtsvcServer:
         )
 
         if s.config is None:
-            text, source = (
-                (embedded_default_config(), "<embedded default>") if self._config_text is None
-                else (self._config_text, "<in-memory config>")
-            )
-            await self.loader.load_text(text, source=source, base_dir=Path())
+            if self._config_text is None:
+                text, source, base = embedded_default_config(), "<embedded default>", embedded_default_dir()
+            else:
+                text, source, base = self._config_text, "<in-memory config>", Path()
+            await self.loader.load_text(text, source=source, base_dir=base)
         else:
             self.watcher = FileWatcher(s.config, self.loader, s.reload_interval_s)
             await self.watcher.load_now()

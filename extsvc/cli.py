@@ -142,6 +142,13 @@ async def _validate(path: Path) -> int:
     if extproc.policies:
         print(f"  extproc: {len(extproc.policies)} policies: {', '.join(sorted(extproc.policies))}; "
               f"default: {extproc.default_policy or 'none'}")
+    section = runtime.config.ratelimit
+    if section is not None:
+        from extsvc.ratelimit.manager import load_domains
+
+        domains, _ = load_domains(section, path.parent)
+        print(f"  ratelimit: {len(domains.domains)} domains: {', '.join(sorted(domains.domains))}; "
+              f"store: {section.store.type.value}")
     return 0
 
 

@@ -32,6 +32,11 @@ def embedded_default_config() -> str:
     return resources.files("extsvc").joinpath(DEFAULT_CONFIG_NAME).read_text(encoding="utf-8")
 
 
+def embedded_default_dir() -> Path:
+    """Where the demo config's relative paths (its rate-limit domain file) point."""
+    return Path(str(resources.files("extsvc")))
+
+
 class ConfigLoader:
     """Loads config text into the :class:`RuntimeHolder`, keeping the last good one on error."""
 

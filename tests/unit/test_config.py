@@ -353,9 +353,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_cli_accepts_the_demo_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(DEMO_PATH)]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == (
-        f"{DEMO_PATH}: OK (3 policies: allow-all, demo, deny-all; default: demo)"
-    )
+    assert out.splitlines() == [
+        f"{DEMO_PATH}: OK (3 policies: allow-all, demo, deny-all; default: demo)",
+        "  extproc: 1 policies: demo; default: demo",
+        "  ratelimit: 1 domains: demo; store: memory",
+    ]
     assert err == ""
 
 
