@@ -23,6 +23,7 @@ from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
 
 __all__ = [
+    "DEFAULT_REQUEST_HEADERS",
     "body_message",
     "header_map",
     "headers_message",
