@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess, free_port, with_ports
+from ratelimit.servers import RedisServer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -60,3 +61,11 @@ def extsvc_authz() -> Iterator[ExtsvcProcess]:
 @pytest.fixture(scope="module")
 def authz_envoy(start_envoy: StartEnvoy, extsvc_authz: ExtsvcProcess) -> EnvoyProcess:
     return start_envoy(HERE / "envoy-authz.yaml", extsvc_authz.grpc_port)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the tests' own on a free loopback port (never the machine's 6379)."""
+    server = RedisServer().start()
+    yield server
+    server.close()

@@ -9,15 +9,29 @@ import httpx
 import pytest
 
 from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess
+from ratelimit.servers import RedisServer
 
 from .conftest import HERE, StartEnvoy
 
 API_LIMIT = '3, 3;w=3600;name="api", 1000;w=3600;name="remote_address"'
 
 
-@pytest.fixture(scope="module")
-def extsvc_rl() -> Iterator[ExtsvcProcess]:
-    with ExtsvcProcess(HERE / "ratelimit-config.yaml") as server:
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def extsvc_rl(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ExtsvcProcess]:
+    """The same suite on the memory store and on a real Redis."""
+    config = HERE / "ratelimit-config.yaml"
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        redis.cli("flushall")
+        text = config.read_text(encoding="utf-8").replace(
+            "store: {type: memory}", f"store: {{type: redis, url: '{redis.url}'}}"
+        ).replace("config_dir: ratelimit", f"config_dir: {HERE / 'ratelimit'}")
+        assert redis.url in text
+        config = tmp_path_factory.mktemp("rl") / "ratelimit-config.yaml"
+        config.write_text(text, encoding="utf-8")
+    with ExtsvcProcess(config) as server:
         yield server
 
 
