@@ -1,0 +1,719 @@
+"""Typed views of the Kubernetes objects the controller reads.
+
+Gateway API (``Gateway``, ``HTTPRoute``, ``ReferenceGrant``), core (``Service``, ``Secret``) and
+kgateway's ``GatewayExtension`` / ``TrafficPolicy`` (reference: kgateway-api.md §1-§2). The CRDs'
+CEL rules are checked here with the CRDs' own messages, so a manifest the API server would refuse
+is refused here with the same words.
+
+Parsing never raises for a bad object: :func:`parse_object` returns the object (or None) and the
+list of problems, and the translator reports them in the object's status.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "GATEWAY_API",
+    "KGATEWAY",
+    "Gateway",
+    "GatewayExtension",
+    "HTTPRoute",
+    "Object",
+    "ReferenceGrant",
+    "Secret",
+    "Service",
+    "TrafficPolicy",
+    "parse_duration",
+    "parse_object",
+]
+
+GATEWAY_API = "gateway.networking.k8s.io"
+KGATEWAY = "gateway.kgateway.dev"
+
+_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
+_DURATION_PART = re.compile(r"([0-9]{1,5})(ms|h|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str) -> timedelta:
+    """A CRD duration (``1h30m``, ``250ms``) as a timedelta; ValueError if it is not one."""
+    if len(text) > 32 or not _DURATION.match(text):
+        raise ValueError("invalid timeout value")
+    seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
+    return timedelta(seconds=seconds)
+
+
+def _at_least_1ms(text: str | None, message: str) -> None:
+    if text is not None and parse_duration(text) < timedelta(milliseconds=1):
+        raise ValueError(message)
+
+
+class _M(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields refused, immutable."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class _Open(_M):
+    """For standard Kubernetes types: fields this controller does not use are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+
+class Metadata(_Open):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    creation_timestamp: str | None = None
+
+
+# --- core -----------------------------------------------------------------------------------------
+
+
+class ServicePort(_Open):
+    name: str | None = None
+    port: int
+    protocol: str = "TCP"
+    app_protocol: str | None = None
+
+
+class ServiceSpec(_Open):
+    ports: list[ServicePort] = Field(default_factory=list)
+
+
+class Service(_Open):
+    kind: Literal["Service"]
+    metadata: Metadata
+    spec: ServiceSpec = ServiceSpec()
+
+
+class Secret(_Open):
+    kind: Literal["Secret"]
+    metadata: Metadata
+    type: str = "Opaque"
+    data: dict[str, str] = Field(default_factory=dict)
+
+
+# --- Gateway API ----------------------------------------------------------------------------------
+
+
+class SecretObjectReference(_Open):
+    group: str = ""
+    kind: str = "Secret"
+    name: str
+    namespace: str | None = None
+
+
+class ListenerTLS(_Open):
+    mode: Literal["Terminate", "Passthrough"] = "Terminate"
+    certificate_refs: list[SecretObjectReference] = Field(default_factory=list)
+
+
+class RouteNamespaces(_Open):
+    from_: Literal["Same", "All", "Selector"] = Field("Same", alias="from")
+
+
+class AllowedRoutes(_Open):
+    namespaces: RouteNamespaces = RouteNamespaces()
+
+
+class Listener(_Open):
+    name: str
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["HTTP", "HTTPS"]
+    hostname: str | None = None
+    tls: ListenerTLS | None = None
+    allowed_routes: AllowedRoutes = AllowedRoutes()
+
+
+class GatewaySpec(_Open):
+    gateway_class_name: str = ""
+    listeners: list[Listener] = Field(min_length=1)
+
+
+class Gateway(_Open):
+    kind: Literal["Gateway"]
+    metadata: Metadata
+    spec: GatewaySpec
+
+
+class ParentReference(_Open):
+    group: str = GATEWAY_API
+    kind: str = "Gateway"
+    namespace: str | None = None
+    name: str
+    section_name: str | None = None
+
+
+class PathMatch(_Open):
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = "PathPrefix"
+    value: str = "/"
+
+
+class HeaderMatch(_Open):
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    name: str
+    value: str
+
+
+class RouteMatch(_Open):
+    path: PathMatch | None = None
+    headers: list[HeaderMatch] = Field(default_factory=list)
+    query_params: list[HeaderMatch] = Field(default_factory=list)
+    method: str | None = None
+
+
+class HeaderValue(_Open):
+    name: str
+    value: str
+
+
+class HeaderModifier(_Open):
+    set: list[HeaderValue] = Field(default_factory=list)
+    add: list[HeaderValue] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class LocalObjectReference(_Open):
+    group: str
+    kind: str
+    name: str
+
+
+class RouteFilter(_Open):
+    type: str
+    request_header_modifier: HeaderModifier | None = None
+    extension_ref: LocalObjectReference | None = None
+
+
+class BackendRef(_Open):
+    group: str = ""
+    kind: str = "Service"
+    name: str
+    namespace: str | None = None
+    port: int | None = None
+    weight: int = Field(1, ge=0, le=1_000_000)
+    filters: list[RouteFilter] = Field(default_factory=list)
+
+
+class RouteRule(_Open):
+    name: str | None = None
+    matches: list[RouteMatch] = Field(default_factory=lambda: [RouteMatch()])
+    filters: list[RouteFilter] = Field(default_factory=list)
+    backend_refs: list[BackendRef] = Field(default_factory=list)
+
+
+class HTTPRouteSpec(_Open):
+    parent_refs: list[ParentReference] = Field(default_factory=list)
+    hostnames: list[str] = Field(default_factory=list)
+    rules: list[RouteRule] = Field(default_factory=lambda: [RouteRule()])
+
+
+class HTTPRoute(_Open):
+    kind: Literal["HTTPRoute"]
+    metadata: Metadata
+    spec: HTTPRouteSpec
+
+
+class GrantFrom(_Open):
+    group: str
+    kind: str
+    namespace: str
+
+
+class GrantTo(_Open):
+    group: str
+    kind: str
+    name: str | None = None
+
+
+class ReferenceGrantSpec(_Open):
+    from_: list[GrantFrom] = Field(alias="from", min_length=1)
+    to: list[GrantTo] = Field(min_length=1)
+
+
+class ReferenceGrant(_Open):
+    kind: Literal["ReferenceGrant"]
+    metadata: Metadata
+    spec: ReferenceGrantSpec
+
+
+# --- kgateway GatewayExtension (kgateway-api.md §1.1) ---------------------------------------------
+
+Duration = Annotated[str, Field(max_length=32)]
+
+
+class ExtBackendRef(_M):
+    group: str = ""
+    kind: str = "Service"
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    weight: int = Field(1, ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _port(self) -> ExtBackendRef:
+        if self.group == "" and self.kind == "Service" and self.port is None:
+            raise ValueError("Must have port for Service reference")
+        return self
+
+
+class RetryBackoff(_M):
+    base_interval: Duration
+    max_interval: Duration | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RetryBackoff:
+        _at_least_1ms(self.base_interval, "retry.BaseInterval must be at least 1ms.")
+        if self.max_interval is not None and parse_duration(self.max_interval) < parse_duration(
+            self.base_interval
+        ):
+            raise ValueError("maxInterval must be greater than or equal to baseInterval")
+        return self
+
+
+class ExtSvcRetry(_M):
+    attempts: int = Field(1, ge=0)
+    backoff: RetryBackoff | None = None
+
+
+class ExtGrpcService(_M):
+    backend_ref: ExtBackendRef
+    authority: str | None = None
+    request_timeout: Duration | None = None
+    retry: ExtSvcRetry | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtGrpcService:
+        _at_least_1ms(self.request_timeout, "timeout must be at least 1ms.")
+        return self
+
+
+class AuthorizationRequest(_M):
+    headers_to_add: dict[str, str] = Field(default_factory=dict)
+
+
+class AuthorizationResponse(_M):
+    headers_to_backend: list[str] = Field(default_factory=list)
+    headers_to_client: list[str] = Field(default_factory=list)
+    headers_to_client_on_success: list[str] = Field(default_factory=list)
+
+
+class ExtHttpService(_M):
+    backend_ref: ExtBackendRef
+    path_prefix: str = ""
+    request_timeout: Duration | None = None
+    authorization_request: AuthorizationRequest | None = None
+    authorization_response: AuthorizationResponse | None = None
+    retry: ExtSvcRetry | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtHttpService:
+        _at_least_1ms(self.request_timeout, "timeout must be at least 1ms.")
+        return self
+
+
+class BufferSettings(_M):
+    max_request_bytes: int = Field(ge=1)
+    allow_partial_message: bool = False
+    pack_as_bytes: bool = False
+
+
+def _exactly_one(obj: BaseModel, names: tuple[str, ...], wire: str) -> None:
+    if sum(getattr(obj, n) is not None for n in names) != 1:
+        raise ValueError(f"exactly one of the fields in [{wire}] must be set")
+
+
+class ExtAuthProvider(_M):
+    grpc_service: ExtGrpcService | None = None
+    http_service: ExtHttpService | None = None
+    headers_to_forward: list[str] | None = None
+    fail_open: bool = False
+    clear_route_cache: bool = False
+    with_request_body: BufferSettings | None = None
+    status_on_error: int = Field(403, ge=100, le=511)
+    stat_prefix: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtAuthProvider:
+        _exactly_one(self, ("grpc_service", "http_service"), "grpcService httpService")
+        return self
+
+
+HeaderMode = Literal["DEFAULT", "SEND", "SKIP"]
+BodyMode = Literal["NONE", "STREAMED", "BUFFERED", "BUFFERED_PARTIAL", "FULL_DUPLEX_STREAMED"]
+
+
+class ProcessingMode(_M):
+    request_header_mode: HeaderMode = "SEND"
+    response_header_mode: HeaderMode = "SEND"
+    request_body_mode: BodyMode = "NONE"
+    response_body_mode: BodyMode = "NONE"
+    request_trailer_mode: HeaderMode = "SKIP"
+    response_trailer_mode: HeaderMode = "SKIP"
+
+
+class MetadataForwarding(_M):
+    typed: list[str] | None = Field(None, min_length=1)
+    untyped: list[str] | None = Field(None, min_length=1)
+
+
+class MetadataOptions(_M):
+    forwarding: MetadataForwarding | None = None
+
+
+Stage = Literal["Fault", "AuthN", "AuthZ", "RateLimit", "Route"]
+
+
+class FilterStage(_M):
+    stage: Stage
+    predicate: Literal["Before", "During", "After"] = "During"
+    weight: int = 0
+
+
+class ExtProcProvider(_M):
+    grpc_service: ExtGrpcService
+    fail_open: bool = True
+    processing_mode: ProcessingMode | None = None
+    allow_processing_mode_override: bool = False
+    allowed_processing_mode_overrides: list[ProcessingMode] | None = None
+    message_timeout: Duration | None = None
+    max_message_timeout: Duration | None = None
+    stat_prefix: str | None = Field(None, min_length=1)
+    route_cache_action: Literal["FromResponse", "Clear", "Retain"] = "FromResponse"
+    metadata_options: MetadataOptions | None = None
+    request_attributes: list[str] | None = None
+    filter_stage: FilterStage | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtProcProvider:
+        _at_least_1ms(self.message_timeout, "timeout must be at least 1ms.")
+        _at_least_1ms(self.max_message_timeout, "timeout must be at least 1ms.")
+        return self
+
+
+class RateLimitProvider(_M):
+    grpc_service: ExtGrpcService
+    domain: str = Field(min_length=1)
+    fail_open: bool = True
+    timeout: Duration = "100ms"
+    x_rate_limit_headers: Literal["Off", "DraftVersion03"] = Field("Off", alias="xRateLimitHeaders")
+
+    @model_validator(mode="after")
+    def _check(self) -> RateLimitProvider:
+        parse_duration(self.timeout)  # regex only (no >= 1ms rule in the CRD)
+        return self
+
+
+_EXT_TYPES = {
+    "ExtAuth": "ext_auth",
+    "ExtProc": "ext_proc",
+    "RateLimit": "rate_limit",
+    "JWT": "jwt",
+    "OAuth2": "oauth2",
+}
+_EXT_MESSAGES = {
+    "ExtAuth": "extAuth must be set when type is ExtAuth",
+    "ExtProc": "extProc must be set when type is ExtProc",
+    "RateLimit": "rateLimit must be set when type is RateLimit",
+    "JWT": "JWT must be set when type is JWT",
+    "OAuth2": "oauth2 must be set when type is OAuth2",
+}
+
+
+class GatewayExtensionSpec(_M):
+    type: Literal["ExtAuth", "ExtProc", "RateLimit", "JWT", "OAuth2"] | None = None
+    ext_auth: ExtAuthProvider | None = None
+    ext_proc: ExtProcProvider | None = None
+    rate_limit: RateLimitProvider | None = None
+    jwt: dict[str, Any] | None = None
+    oauth2: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayExtensionSpec:
+        _exactly_one(
+            self,
+            ("ext_auth", "ext_proc", "rate_limit", "jwt", "oauth2"),
+            "extAuth extProc rateLimit jwt oauth2",
+        )
+        if self.type is not None and getattr(self, _EXT_TYPES[self.type]) is None:
+            raise ValueError(_EXT_MESSAGES[self.type])
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``ExtAuth`` / ``ExtProc`` / ``RateLimit`` / ``JWT`` / ``OAuth2``: the populated block."""
+        for kind, attr in _EXT_TYPES.items():
+            if getattr(self, attr) is not None:
+                return kind
+        raise AssertionError("validated spec has one block")
+
+
+class GatewayExtension(_Open):
+    kind: Literal["GatewayExtension"]
+    metadata: Metadata
+    spec: GatewayExtensionSpec
+
+
+# --- kgateway TrafficPolicy (kgateway-api.md §2) --------------------------------------------------
+
+_TARGET_KINDS = "targetRefs may only reference Gateway, HTTPRoute, GRPCRoute, or ListenerSet resources"
+_SECTION = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _target_kind(kind: str) -> None:
+    if not (kind in ("Gateway", "HTTPRoute", "GRPCRoute") or kind.endswith("ListenerSet")):
+        raise ValueError(_TARGET_KINDS)
+
+
+class TargetRef(_M):
+    group: str
+    kind: str
+    name: str = Field(min_length=1)
+    section_name: str | None = Field(None, min_length=1, max_length=253, pattern=_SECTION.pattern)
+
+    @model_validator(mode="after")
+    def _check(self) -> TargetRef:
+        _target_kind(self.kind)
+        return self
+
+
+class TargetSelector(_M):
+    group: str
+    kind: str
+    match_labels: dict[str, str]
+    section_name: str | None = Field(None, min_length=1, max_length=253, pattern=_SECTION.pattern)
+
+    @model_validator(mode="after")
+    def _check(self) -> TargetSelector:
+        _target_kind(self.kind)
+        return self
+
+
+class NamespacedRef(_M):
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+
+
+class Empty(_M):
+    pass
+
+
+class ExtAuthPolicy(_M):
+    extension_ref: NamespacedRef | None = None
+    with_request_body: BufferSettings | None = None
+    context_extensions: dict[str, str] | None = None
+    disable: Empty | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtAuthPolicy:
+        _exactly_one(self, ("extension_ref", "disable"), "extensionRef disable")
+        return self
+
+
+class ExtProcPolicy(_M):
+    extension_ref: NamespacedRef | None = None
+    processing_mode: ProcessingMode | None = None
+    disable: Empty | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExtProcPolicy:
+        _exactly_one(self, ("extension_ref", "disable"), "extensionRef disable")
+        return self
+
+
+class TokenBucket(_M):
+    max_tokens: int = Field(ge=1)
+    tokens_per_fill: int = Field(1, ge=1)
+    fill_interval: Duration
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenBucket:
+        if parse_duration(self.fill_interval) < timedelta(milliseconds=50):
+            raise ValueError("must be at least 50ms")
+        return self
+
+
+class LocalRateLimit(_M):
+    token_bucket: TokenBucket | None = None
+    percent_enabled: int | None = Field(None, ge=0, le=100)
+    percent_enforced: int | None = Field(None, ge=0, le=100)
+
+    @property
+    def disables(self) -> bool:
+        """``local: {}`` means: no local rate limit here (kgateway ``createDisabledRateLimit``)."""
+        return self.token_bucket is None
+
+
+class GenericEntry(_M):
+    key: str = Field(min_length=1)
+    value: str = Field(min_length=1)
+
+
+class DescriptorEntry(_M):
+    type: Literal["Generic", "Header", "RemoteAddress", "Path"]
+    generic: GenericEntry | None = None
+    header: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DescriptorEntry:
+        ok = {
+            "Generic": self.generic is not None and self.header is None,
+            "Header": self.header is not None and self.generic is None,
+        }.get(self.type, self.generic is None and self.header is None)
+        if not ok:
+            raise ValueError("exactly one entry type must be specified")
+        return self
+
+
+class Descriptor(_M):
+    entries: list[DescriptorEntry] = Field(min_length=1)
+
+
+class GlobalRateLimit(_M):
+    extension_ref: NamespacedRef
+    descriptors: list[Descriptor] = Field(min_length=1)
+
+
+class RateLimitPolicy(_M):
+    local: LocalRateLimit | None = None
+    global_: GlobalRateLimit | None = Field(None, alias="global")
+
+
+# Sections of TrafficPolicy that kgateway has and this controller does not translate (§2.5): they
+# are accepted as written and reported in the status, never silently dropped.
+UNSUPPORTED_SECTIONS = (
+    "transformation",
+    "cors",
+    "csrf",
+    "headerModifiers",
+    "requestMirror",
+    "autoHostRewrite",
+    "buffer",
+    "timeouts",
+    "retry",
+    "internalRedirect",
+    "rbac",
+    "jwtAuth",
+    "urlRewrite",
+    "compression",
+    "basicAuth",
+    "apiKeyAuth",
+    "oauth2",
+    "tracing",
+    "faultInjection",
+    "acl",
+    "statPrefix",
+)
+
+
+class TrafficPolicySpec(_M):
+    model_config = ConfigDict(frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    target_refs: list[TargetRef] | None = Field(None, min_length=1, max_length=16)
+    target_selectors: list[TargetSelector] | None = None
+    ext_auth: ExtAuthPolicy | None = None
+    ext_proc: ExtProcPolicy | None = None
+    rate_limit: RateLimitPolicy | None = None
+
+    @model_validator(mode="after")
+    def _unknown(self) -> TrafficPolicySpec:
+        unknown = sorted(set(self.model_extra or {}) - set(UNSUPPORTED_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+        return self
+
+    @property
+    def unsupported(self) -> tuple[str, ...]:
+        """The kgateway sections present in this spec that extsvc-controller does not translate."""
+        return tuple(sorted(self.model_extra or {}))
+
+
+class TrafficPolicy(_Open):
+    kind: Literal["TrafficPolicy"]
+    metadata: Metadata
+    spec: TrafficPolicySpec
+
+
+class Targeting(_Open):
+    """Only the targeting part of a TrafficPolicy, read leniently from an invalid one."""
+
+    target_refs: list[TargetRef] = Field(default_factory=list)
+    target_selectors: list[TargetSelector] = Field(default_factory=list)
+
+
+Object = Gateway | HTTPRoute | Service | Secret | ReferenceGrant | GatewayExtension | TrafficPolicy
+
+_KINDS: dict[str, type[BaseModel]] = {
+    "Gateway": Gateway,
+    "HTTPRoute": HTTPRoute,
+    "Service": Service,
+    "Secret": Secret,
+    "ReferenceGrant": ReferenceGrant,
+    "GatewayExtension": GatewayExtension,
+    "TrafficPolicy": TrafficPolicy,
+}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "model-after") or "[" in str(part):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """Pydantic errors as ``<field path>: <message>`` lines, with the CRD's wording."""
+    lines = []
+    for err in exc.errors():
+        message = str(err["msg"]).removeprefix("Value error, ")
+        where = _path(tuple(err["loc"]))
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
+
+
+def parse_object(raw: dict[str, Any]) -> tuple[Object | None, list[str]]:
+    """One manifest document as a typed object, or None and the reasons it is invalid.
+
+    Objects of kinds this controller does not read give ``(None, [])``.
+    """
+    kind = raw.get("kind")
+    model = _KINDS.get(str(kind))
+    if model is None:
+        return None, []
+    try:
+        obj: Object = model.model_validate(raw)  # type: ignore[assignment]
+    except ValidationError as exc:
+        return None, format_errors(exc)
+    return obj, []
+
+
+def parse_targeting(raw: dict[str, Any]) -> Targeting:
+    """The targetRefs/targetSelectors of a TrafficPolicy whose spec failed validation (best effort)."""
+    spec = raw.get("spec") if isinstance(raw.get("spec"), dict) else {}
+    assert isinstance(spec, dict)
+    refs: list[TargetRef] = []
+    selectors: list[TargetSelector] = []
+    for item in spec.get("targetRefs") or []:
+        try:
+            refs.append(TargetRef.model_validate(item))
+        except ValidationError:
+            continue
+    for item in spec.get("targetSelectors") or []:
+        try:
+            selectors.append(TargetSelector.model_validate(item))
+        except ValidationError:
+            continue
+    return Targeting(target_refs=refs, target_selectors=selectors)
