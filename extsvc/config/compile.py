@@ -181,19 +181,11 @@ async def compile_extproc(
         compiled: list[CompiledProcessor] = []
         for index, step in enumerate(policy.processors):
             where = f"extproc.policies.{policy_name}.processors[{index}]"
-            kind = host.processors[step.plugin]
-            ctx = PluginContext(
-                plugin=step.plugin,
-                policy=policy_name,
-                step=step.label,
-                logger=logging.getLogger(f"extsvc.plugin.{step.plugin}"),
-                metrics=PluginMetrics(metrics, step.plugin, policy_name),
-                base_dir=base_dir,
+            processor = _build(
+                host.processors[step.plugin].factory, validated[(policy_name, index)],
+                _context(step.plugin, step.label, policy_name, metrics, base_dir),
+                f"{where}: processor {step.plugin!r}",
             )
-            try:
-                processor: Any = kind.factory(validated[(policy_name, index)], ctx)
-            except Exception as exc:  # a plugin's constructor is third-party code
-                raise ConfigError(f"{where}: processor {step.plugin!r} failed to build: {exc}") from exc
             phases = declared_phases(processor)
             missing = [p.value for p in phases if not callable(getattr(processor, hook_name(p), None))]
             if missing:
@@ -202,13 +194,8 @@ async def compile_extproc(
                     f"which declares {', '.join(missing)} but has no hook for it"
                 )
             built.append(processor)
-            if start and isinstance(processor, Startable):
-                try:
-                    await processor.start()
-                except Exception as exc:  # a plugin's start-up is third-party code
-                    raise ConfigError(
-                        f"{where}: processor {step.plugin!r} failed to start: {exc}"
-                    ) from exc
+            if start:
+                await _start(processor, f"{where}: processor {step.plugin!r}")
             compiled.append(
                 CompiledProcessor(
                     label=step.label,
@@ -235,6 +222,34 @@ async def compile_extproc(
     return ExtprocPolicies(config.extproc, policies, tuple(built))
 
 
+def _context(
+    plugin: str, step: str, policy: str, metrics: Metrics, base_dir: Path
+) -> PluginContext:
+    return PluginContext(
+        plugin=plugin,
+        policy=policy,
+        step=step,
+        logger=logging.getLogger(f"extsvc.plugin.{plugin}"),
+        metrics=PluginMetrics(metrics, plugin, policy),
+        base_dir=base_dir,
+    )
+
+
+def _build(factory: Any, config: BaseModel, ctx: PluginContext, what: str) -> Any:
+    try:
+        return factory(config, ctx)
+    except Exception as exc:  # a plugin's constructor is third-party code
+        raise ConfigError(f"{what} failed to build: {exc}") from exc
+
+
+async def _start(built: object, what: str) -> None:
+    if isinstance(built, Startable):
+        try:
+            await built.start()
+        except Exception as exc:  # a plugin's start-up is third-party code
+            raise ConfigError(f"{what} failed to start: {exc}") from exc
+
+
 async def _compile_policy(
     policy_name: str,
     policy: AuthzPolicy,
@@ -249,19 +264,11 @@ async def _compile_policy(
     identity_headers: set[str] = set()
     for index, step in enumerate(policy.steps):
         where = f"policies.{policy_name}.steps[{index}]"
-        kind = host.authorizers[step.plugin]
-        ctx = PluginContext(
-            plugin=step.plugin,
-            policy=policy_name,
-            step=step.label,
-            logger=logging.getLogger(f"extsvc.plugin.{step.plugin}"),
-            metrics=PluginMetrics(metrics, step.plugin, policy_name),
-            base_dir=base_dir,
+        authorizer = _build(
+            host.authorizers[step.plugin].factory, validated[(policy_name, index)],
+            _context(step.plugin, step.label, policy_name, metrics, base_dir),
+            f"{where}: plugin {step.plugin!r}",
         )
-        try:
-            authorizer: Any = kind.factory(validated[(policy_name, index)], ctx)
-        except Exception as exc:  # a plugin's constructor is third-party code
-            raise ConfigError(f"{where}: plugin {step.plugin!r} failed to build: {exc}") from exc
         if not isinstance(authorizer, Authorizer):
             raise ConfigError(
                 f"{where}: plugin {step.plugin!r} built {type(authorizer).__name__}, "
@@ -270,11 +277,8 @@ async def _compile_policy(
         built.append(authorizer)
         if isinstance(authorizer, IdentitySource):
             identity_headers.update(authorizer.identity_headers)
-        if start and isinstance(authorizer, Startable):
-            try:
-                await authorizer.start()
-            except Exception as exc:  # a plugin's start-up is third-party code
-                raise ConfigError(f"{where}: plugin {step.plugin!r} failed to start: {exc}") from exc
+        if start:
+            await _start(authorizer, f"{where}: plugin {step.plugin!r}")
         steps.append(
             CompiledStep(
                 label=step.label,
