@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     render_p = sub.choices["render"]
     render_p.add_argument("-o", "--output", type=Path, help="bootstrap file (default: stdout)")
     render_p.add_argument("--status", type=Path, help="write the statuses here instead of stderr")
+    render_p.add_argument(
+        "--secret-dir",
+        help="write TLS certificates and keys under DIR/<ns>/<secret>/ and refer to them by path "
+        "(default: inline in the bootstrap)",
+    )
     sub.choices["explain"].add_argument(
         "route",
         help="NAMESPACE/NAME or NAME of an HTTPRoute, optionally followed by /RULE (rule name or index)",
@@ -51,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _translate(args: argparse.Namespace) -> Translation:
-    base = Options(cluster_domain=args.cluster_domain, strict_reference_grants=args.strict_reference_grants)
+    base = Options(
+        cluster_domain=args.cluster_domain,
+        strict_reference_grants=args.strict_reference_grants,
+        secret_dir=getattr(args, "secret_dir", None),
+    )
     options = render.load_endpoints(args.endpoints, base)
     return translate(load(args.paths), options)
 
@@ -65,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "render":
         text = render.bootstrap_yaml(translation)
+        render.write_files(translation)
         if args.output:
             args.output.write_text(text, encoding="utf-8")
         else:

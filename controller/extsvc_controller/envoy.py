@@ -12,13 +12,16 @@ switched on per scope by ``typed_per_filter_config``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import copy
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+import gc
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any as TAny
 
 import betterproto2
-import pydantic_core
 import yaml
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterDnsLookupFamily
@@ -103,6 +106,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import (
 )
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, HttpStatus, StatusCode, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct, Value
+from envoy_data_plane.message_pool import default_message_pool
 from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsTypedExtensionConfig
 from envoy_data_plane.xds.type.matcher.v3 import (
     Matcher,
@@ -130,38 +134,6 @@ __all__ = [
 ]
 
 
-def _tune_betterproto2() -> None:
-    """Make betterproto2 0.9's encoder fast enough for 1,000 routes, without changing what it does.
-
-    Each ``bytes(msg)`` / ``to_dict()`` re-runs ``typing.get_type_hints`` on the class and compiles
-    a new pydantic ``SchemaValidator`` for the message (~2 ms per message, 1 ms per ``Any.pack``).
-    Both results depend only on the class, so they are cached per class here: the same validation
-    still runs, ~30x faster (measured by bench/controller_bench.py).
-    """
-    message = betterproto2.Message
-    if getattr(message, "_extsvc_tuned", False):
-        return
-    hints = message.__dict__.get("_type_hints")
-    if isinstance(hints, classmethod):
-        cached: TAny = functools.cache(hints.__func__)
-        message._type_hints = classmethod(cached)  # type: ignore[method-assign,assignment]
-
-    @functools.cache
-    def validator(cls: type) -> pydantic_core.SchemaValidator:
-        return pydantic_core.SchemaValidator(cls.__pydantic_core_schema__)  # type: ignore[attr-defined]
-
-    def validate(self: betterproto2.Message) -> None:
-        fields = self.__dict__.copy()
-        del fields["_unknown_fields"]
-        validator(type(self)).validate_python(fields)
-
-    if callable(getattr(message, "_validate", None)):
-        message._validate = validate  # type: ignore[method-assign]
-    message._extsvc_tuned = True  # type: ignore[attr-defined]
-
-
-_tune_betterproto2()
-
 # Metadata namespaces of kgateway's global-disable filters (kgateway-api.md §3.5).
 DISABLE_EXT_AUTH_NS = "dev.kgateway.disable_ext_auth"
 DISABLE_EXT_PROC_NS = "dev.kgateway.disable_ext_proc"
@@ -175,8 +147,59 @@ REPLACED_BODY = "invalid route configuration detected and replaced with a direct
 AUTHORITY_METADATA = "x-extsvc-authority"
 
 
+class TypedAny(Any):
+    """An ``Any`` that keeps its message typed until output, instead of serializing it now.
+
+    ``Any.pack`` serializes at once, and the HTTP connection manager's ``Any`` embeds the whole
+    RouteConfiguration, so packing during translation serialized everything (and ``to_dict``
+    parsed it all back): 10 s for 1,000 routes. This subclass is still an ``Any`` to the
+    dataclasses' validation; ``type_url`` comes from the message pool as in ``Any.pack``; the
+    message was validated when it was built. :func:`to_dict` writes it without any round trip,
+    and ``value`` still serializes on demand, so ``bytes(message)`` stays correct (for xDS).
+    """
+
+    # The subclass is not a generated dataclass: reuse Any's field metadata.
+    _betterproto_meta = Any._betterproto  # type: ignore[arg-type]  # (betterproto2's classproperty typing)
+
+    def __init__(self, message: betterproto2.Message) -> None:
+        self._unknown_fields = b""
+        self.type_url = default_message_pool.type_to_url[type(message)]
+        self.message = message
+
+    @property
+    def value(self) -> bytes:  # type: ignore[override]  # read-only: derived from the message
+        return bytes(self.message)
+
+    def _validate(self) -> None:
+        """Nothing to do: ``type_url`` is the pool's and the message was validated when built."""
+
+    def __copy__(self, _: TAny = None) -> TypedAny:
+        return TypedAny(self.message)
+
+    def __deepcopy__(self, memo: TAny = None) -> TypedAny:
+        return TypedAny(copy.deepcopy(self.message, memo))
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building (or writing) a whole config.
+
+    Translation and rendering create ~10^5 short-lived, acyclic objects next to a large live
+    tree, and each generation-2 collection walks that tree: half of the render time for 1,000
+    routes (bench/controller_bench.py). Reference counting still frees everything; nested use
+    is fine (only the outermost one re-enables).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def pack(message: betterproto2.Message) -> Any:
-    return Any.pack(message)
+    return TypedAny(message)
 
 
 def enable() -> Any:
@@ -761,12 +784,24 @@ def _tls_inspector() -> betterproto2.Message:
     return TlsInspector()
 
 
-def tls_secret(name: str, cert_pem_b64: str, key_pem_b64: str) -> Secret:
+def tls_secret(name: str, cert_pem: bytes, key_pem: bytes) -> Secret:
+    """A certificate inlined in the bootstrap (``render`` without ``--secret-dir``)."""
     return Secret(
         name=name,
         tls_certificate=TlsCertificate(
-            certificate_chain=DataSource(inline_bytes=base64.b64decode(cert_pem_b64)),
-            private_key=DataSource(inline_bytes=base64.b64decode(key_pem_b64)),
+            certificate_chain=DataSource(inline_bytes=cert_pem),
+            private_key=DataSource(inline_bytes=key_pem),
+        ),
+    )
+
+
+def tls_secret_files(name: str, cert_path: str, key_path: str) -> Secret:
+    """A certificate Envoy reads from files (STYLE.md §4: secrets are references to files)."""
+    return Secret(
+        name=name,
+        tls_certificate=TlsCertificate(
+            certificate_chain=DataSource(filename=cert_path),
+            private_key=DataSource(filename=key_path),
         ),
     )
 
@@ -788,35 +823,154 @@ def bootstrap(
 # --- output ---------------------------------------------------------------------------------------
 
 
-def _clean(value: TAny) -> TAny:
-    """Proto-JSON dict -> what Envoy's YAML loader wants: an empty Any is written ``{}``."""
-    if isinstance(value, dict):
-        if value == {"@type": ""}:
-            return {}
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
+# Field kinds for the walker (betterproto2's proto types, grouped by how proto-JSON writes them).
+_INT64 = {
+    betterproto2.TYPE_INT64,
+    betterproto2.TYPE_UINT64,
+    betterproto2.TYPE_SINT64,
+    betterproto2.TYPE_FIXED64,
+    betterproto2.TYPE_SFIXED64,
+}
+_Convert = Callable[[TAny], tuple[TAny, bool]]  # value -> (plain value, is the default)
+
+
+def _scalar(proto_type: str, field_type: TAny, unwrap: Callable[[], type] | None) -> _Convert:
+    """How proto-JSON writes one value of this field (betterproto2's ``_value_to_dict``)."""
+    if proto_type == betterproto2.TYPE_MESSAGE:
+        if unwrap is not None:  # google.protobuf wrappers and Duration, held as Python values
+            wrapper: TAny = unwrap()
+            return lambda v: (wrapper.from_wrapped(v).to_dict(), False)
+        return lambda v: (_plain(v), False)
+    if proto_type in _INT64:
+        return lambda v: (str(v), not v)
+    if proto_type == betterproto2.TYPE_BYTES:
+        return lambda v: (base64.b64encode(v).decode("utf8"), not v)
+    if proto_type == betterproto2.TYPE_ENUM:
+
+        def enum(v: TAny) -> tuple[TAny, bool]:
+            member = field_type(v)
+            return (member.proto_name or member.name or member.value), not v
+
+        return enum
+    if proto_type in (betterproto2.TYPE_FLOAT, betterproto2.TYPE_DOUBLE):
+        return lambda v: (_float(v), not v)
+    return lambda v: (v, not v)
+
+
+def _float(value: float) -> float | str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
     return value
+
+
+@functools.cache
+def _plan(cls: type[betterproto2.Message]) -> tuple[tuple[str, str, str, _Convert, _Convert | None], ...]:
+    """Per message class, once: (attribute, key, shape, value converter, map-key converter)."""
+    hints: dict[str, TAny] = cls._type_hints()
+    out: list[tuple[str, str, str, _Convert, _Convert | None]] = []
+    for name, meta in cls._betterproto.meta_by_field_name.items():  # type: ignore[arg-type]
+        key = name.rstrip("_")
+        hint = hints[name]
+        if meta.proto_type == betterproto2.TYPE_MAP:
+            assert meta.map_meta is not None
+            kmeta, vmeta = meta.map_meta
+            out.append(
+                (
+                    name,
+                    key,
+                    "map",
+                    _scalar(vmeta.proto_type, hint.__args__[1], vmeta.unwrap),
+                    _scalar(kmeta.proto_type, hint.__args__[0], None),
+                )
+            )
+        elif meta.repeated:
+            out.append((name, key, "list", _scalar(meta.proto_type, hint.__args__[0], meta.unwrap), None))
+        else:
+            ftype = hint.__args__[0] if meta.optional else hint
+            shape = "optional" if meta.optional else "single"
+            out.append((name, key, shape, _scalar(meta.proto_type, ftype, meta.unwrap), None))
+    return tuple(out)
+
+
+def _plain(message: betterproto2.Message) -> TAny:
+    """One message as proto-JSON with the proto field names, written straight from the dataclass.
+
+    Gives what ``message.to_dict(casing=SNAKE)`` gives (same keys, same order, same defaults
+    left out), but without serializing and re-parsing every ``Any`` (tests/controller compare it
+    with betterproto2's own output).
+    """
+    cls = type(message)
+    if cls is TypedAny:
+        assert isinstance(message, TypedAny)
+        inner = message.message
+        body = _plain(inner)
+        if type(inner).to_dict is betterproto2.Message.to_dict:
+            return {"@type": message.type_url, **body}
+        return {"@type": message.type_url, "value": body}
+    if cls.to_dict is not betterproto2.Message.to_dict:
+        # Well-known types with their own JSON form (Struct, Value, Duration, wrappers, Any).
+        if cls is Any and not message.type_url:  # type: ignore[attr-defined]
+            return {}  # Envoy's YAML loader wants an empty Any written as {}
+        return message.to_dict(casing=betterproto2.Casing.SNAKE)
+    out: dict[str, TAny] = {}
+    for name, key, shape, convert, convert_key in _plan(cls):
+        value = getattr(message, name)
+        if shape == "list":
+            if value:
+                out[key] = [convert(v)[0] for v in value]
+        elif shape == "map":
+            if value:
+                assert convert_key is not None
+                out[key] = {convert_key(k)[0]: convert(v)[0] for k, v in value.items()}
+        elif value is not None:
+            plain, default = convert(value)
+            if shape == "optional" or not default:
+                out[key] = plain
+    return out
 
 
 def to_dict(message: betterproto2.Message) -> dict[str, TAny]:
     """The message as proto-JSON with the proto field names (Envoy's YAML form)."""
-    out: dict[str, TAny] = _clean(message.to_dict(casing=betterproto2.Casing.SNAKE))
+    out: dict[str, TAny] = _plain(message)
     return out
 
 
-class _Dumper(yaml.SafeDumper):
-    pass
+# libyaml's emitter when PyYAML has it (~10x faster on a 3 MB bootstrap; the same text).
+_Dumper: TAny = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_TAG = "tag:yaml.org,2002:"
+_FLOATS = yaml.representer.SafeRepresenter()
 
 
-def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in data and len(data) > 80 else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+def _node(data: TAny) -> yaml.Node:
+    """The YAML node ``yaml.safe_dump(..., default_flow_style=False)`` would build for ``data``.
 
-
-_Dumper.add_representer(str, _str)
+    Built directly: PyYAML's representer (alias tracking, a type lookup per value) was most of
+    the render time. Block style everywhere; a long multi-line string as a ``|`` literal.
+    """
+    kind = type(data)
+    if kind is str:
+        style = "|" if "\n" in data and len(data) > 80 else None
+        return yaml.ScalarNode(_TAG + "str", data, style=style)
+    if kind is dict:
+        return yaml.MappingNode(
+            _TAG + "map", [(_node(k), _node(v)) for k, v in data.items()], flow_style=False
+        )
+    if kind is list:
+        return yaml.SequenceNode(_TAG + "seq", [_node(v) for v in data], flow_style=False)
+    if kind is bool:
+        return yaml.ScalarNode(_TAG + "bool", "true" if data else "false")
+    if kind is int:
+        return yaml.ScalarNode(_TAG + "int", str(data))
+    if data is None:
+        return yaml.ScalarNode(_TAG + "null", "null")
+    if kind is float:
+        node: yaml.Node = _FLOATS.represent_float(data)
+        return node
+    raise TypeError(f"cannot write {kind.__name__} as YAML")
 
 
 def to_yaml(data: TAny) -> str:
-    text: str = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=110)
+    text: str = yaml.serialize(_node(data), Dumper=_Dumper, width=110)
     return text

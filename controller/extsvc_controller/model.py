@@ -614,6 +614,13 @@ UNSUPPORTED_SECTIONS = (
 )
 
 
+# Of UNSUPPORTED_SECTIONS, those that restrict who gets through (kgateway-api.md §2.5). Accepting
+# one without enforcing it would let through what the policy was written to stop, so a policy
+# carrying one is rejected instead and its targets answer 500 (docs/controller.md, "Differences
+# from kgateway"). ``{disable: {}}`` alone restricts nothing and stays a reported no-op.
+SECURITY_SECTIONS = ("acl", "apiKeyAuth", "basicAuth", "jwtAuth", "oauth2", "rbac")
+
+
 class TrafficPolicySpec(_M):
     model_config = ConfigDict(frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True)
 
@@ -634,6 +641,24 @@ class TrafficPolicySpec(_M):
     def unsupported(self) -> tuple[str, ...]:
         """The kgateway sections present in this spec that extsvc-controller does not translate."""
         return tuple(sorted(self.model_extra or {}))
+
+    @property
+    def unenforceable(self) -> dict[str, tuple[str | None, str] | None]:
+        """Security sections that would restrict traffic: section -> the GatewayExtension it
+        names (namespace or None, name), if any."""
+        out: dict[str, tuple[str | None, str] | None] = {}
+        for name in self.unsupported:
+            value = (self.model_extra or {})[name]
+            if name not in SECURITY_SECTIONS:
+                continue
+            if isinstance(value, dict) and set(value) == {"disable"}:
+                continue  # turns off something that is not enforced anyway
+            ref = value.get("extensionRef") if isinstance(value, dict) else None
+            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                out[name] = (ref.get("namespace") or None, ref["name"])
+            else:
+                out[name] = None
+        return out
 
 
 class TrafficPolicy(_Open):

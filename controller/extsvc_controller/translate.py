@@ -11,6 +11,7 @@ with a 500 (§3.7: fail closed, never open).
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,6 +70,9 @@ class Options:
     listen_address: str = "0.0.0.0"  # noqa: S104 (a gateway listens on all addresses by default)
     cluster_domain: str = "cluster.local"
     strict_reference_grants: bool = False
+    # STYLE.md §4: with a directory, TLS keys are files Envoy reads (Translation.files lists
+    # what to write there), not bytes inlined in the bootstrap.
+    secret_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +135,7 @@ class Translation:
     bootstrap: envoy.Bootstrap
     statuses: tuple[Status, ...]
     explain: tuple[RouteExplain, ...]
+    files: tuple[tuple[str, bytes], ...] = ()  # (path, content) the bootstrap refers to
 
     @property
     def ok(self) -> bool:
@@ -229,6 +234,25 @@ class _Translator:
                 tp.spec,
                 tp.spec,
             )
+        # Which policies may target an object, so that a route looks at its own policies only
+        # (not at all of them: 1,000 routes x 1,000 policies was most of the translation time).
+        self.by_target: dict[tuple[str, str, str], list[Policy]] = defaultdict(list)
+        self.by_selector: dict[tuple[str, str], list[Policy]] = defaultdict(list)
+        for key in sorted(self.policies):
+            policy = self.policies[key]
+            for ref in policy.targeting.target_refs or ():
+                self.by_target[(ref.kind, policy.obj_ns, ref.name)].append(policy)
+            for sel in policy.targeting.target_selectors or ():
+                self.by_selector[(sel.kind, policy.obj_ns)].append(policy)
+
+    def targeting(self, kind: str, ns: str, name: str) -> list[Policy]:
+        """The policies with a targetRef to this object or a selector for its kind, each once
+        (:func:`_matches` then says which, if any, target it and at which sections)."""
+        found = {
+            p.ref: p
+            for p in (*self.by_target.get((kind, ns, name), ()), *self.by_selector.get((kind, ns), ()))
+        }
+        return list(found.values())
 
     def status(self, kind: str, ns: str, name: str) -> Status:
         key = (kind, ns, name)
@@ -369,10 +393,35 @@ class _Translator:
 
     def construct(self) -> None:
         """Resolve each valid policy's providers; errors make it invalid (kgateway ``ConstructIR``)."""
+        for (ns, name), gwext in sorted(self.extensions.items()):
+            if gwext.spec.kind in ("JWT", "OAuth2"):
+                # kgateway-api.md §1.1: out of scope for extsvc; say so rather than nothing.
+                self.status("GatewayExtension", ns, name).conditions.append(
+                    Condition(
+                        "extsvc.dev/Supported",
+                        "False",
+                        "UnsupportedType",
+                        f"type {gwext.spec.kind} is not translated by extsvc-controller: a TrafficPolicy "
+                        "that uses it is rejected and its targets answer 500 (fail closed)",
+                    )
+                )
         for policy in self.policies.values():
             spec = policy.spec
             if spec is None:
                 continue
+            for section, ref in spec.unenforceable.items():
+                # A security section we cannot enforce: reject the policy, so that its targets
+                # answer 500 instead of letting everything through (docs/controller.md).
+                what = ""
+                if ref is not None:
+                    ext_key = (ref[0] or policy.obj_ns, ref[1])
+                    ext = self.extensions.get(ext_key)
+                    what = f" (GatewayExtension {ext_key[0]}/{ext_key[1]}" + (
+                        f", type {ext.spec.kind})" if ext is not None else ": not found)"
+                    )
+                policy.errors.append(
+                    f"{section}: not supported by extsvc-controller{what}; rejected to fail closed"
+                )
             if spec.ext_auth is not None and spec.ext_auth.extension_ref is not None:
                 p = self.provider(policy, spec.ext_auth.extension_ref, "ExtAuth")
                 if p:
@@ -545,10 +594,16 @@ class _Entry:
 
 def translate(snapshot: Snapshot, options: Options | None = None) -> Translation:
     """Translate ``snapshot`` into an Envoy bootstrap, a status per object and the explain data."""
+    with envoy.no_gc():
+        return _translate(snapshot, options)
+
+
+def _translate(snapshot: Snapshot, options: Options | None) -> Translation:
     t = _Translator(snapshot, options or Options())
     t.construct()
     listeners: list[envoy.Listener] = []
     secrets: dict[str, envoy.Secret] = {}
+    files: dict[str, bytes] = {}
     explains: list[RouteExplain] = []
     route_replaced: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
     route_parents: dict[tuple[str, str], list[tuple[model.ParentReference, str, str, str]]] = defaultdict(
@@ -561,7 +616,9 @@ def translate(snapshot: Snapshot, options: Options | None = None) -> Translation
         gw_status = t.status("Gateway", *gw_key)
         gw_conditions: list[Condition] = []
         gw_policies = [
-            p for p in t.policies.values() if _matches(p, "Gateway", gw_key[0], gw_key[1], gw.metadata.labels)
+            p
+            for p in t.targeting("Gateway", *gw_key)
+            if _matches(p, "Gateway", gw_key[0], gw_key[1], gw.metadata.labels)
         ]
         # Which routes attach to which listener.
         attached: dict[str, list[_Entry]] = defaultdict(list)
@@ -633,22 +690,35 @@ def translate(snapshot: Snapshot, options: Options | None = None) -> Translation
                     for ref in ln.tls.certificate_refs if ln.tls else []:
                         sns = ref.namespace or gw_key[0]
                         secret = t.secrets.get((sns, ref.name))
-                        if secret is None or not t.granted(
-                            "Gateway", GATEWAY_API, gw_key[0], "Secret", "", sns, ref.name
-                        ):
+                        problem = None
+                        if not t.granted("Gateway", GATEWAY_API, gw_key[0], "Secret", "", sns, ref.name):
+                            problem = "missing reference grant"
+                        elif secret is None:
+                            problem = "not found"
+                        elif not secret.data.get("tls.crt") or not secret.data.get("tls.key"):
+                            problem = "has no tls.crt and tls.key"
+                        if problem is not None or secret is None:
                             gw_conditions.append(
                                 Condition(
                                     "ResolvedRefs",
                                     "False",
                                     "InvalidCertificateRef",
-                                    f"listener {ln.name}: Secret {sns}/{ref.name} not usable",
+                                    f"listener {ln.name}: Secret {sns}/{ref.name}: {problem}",
                                 )
                             )
                             continue
                         sname = f"{sns}/{ref.name}"
-                        secrets[sname] = envoy.tls_secret(
-                            sname, secret.data.get("tls.crt", ""), secret.data.get("tls.key", "")
-                        )
+                        crt = base64.b64decode(secret.data["tls.crt"])
+                        key = base64.b64decode(secret.data["tls.key"])
+                        if t.options.secret_dir is None:
+                            secrets[sname] = envoy.tls_secret(sname, crt, key)
+                        else:
+                            base = f"{t.options.secret_dir.rstrip('/')}/{sns}/{ref.name}"
+                            files[f"{base}/tls.crt"] = crt
+                            files[f"{base}/tls.key"] = key
+                            secrets[sname] = envoy.tls_secret_files(
+                                sname, f"{base}/tls.crt", f"{base}/tls.key"
+                            )
                         names.append(sname)
                     if not names:
                         continue
@@ -672,6 +742,20 @@ def translate(snapshot: Snapshot, options: Options | None = None) -> Translation
                 listeners.append(envoy.listener(f"listener~{port}", bind[0], bind[1], chains))
         gw_status.conditions[:0] = [*gw_conditions] or [Condition("Accepted", "True", "Accepted")]
         gw_status.conditions.append(Condition("Programmed", "True", "Programmed"))
+        selectors = sorted(
+            ln.name for ln in gw.spec.listeners if ln.allowed_routes.namespaces.from_ == "Selector"
+        )
+        if selectors:
+            # Not evaluated (no Namespace objects in the snapshot): say so; no route attaches there.
+            gw_status.conditions.append(
+                Condition(
+                    "extsvc.dev/Supported",
+                    "False",
+                    "UnsupportedValue",
+                    f"listener(s) {', '.join(selectors)}: allowedRoutes.namespaces.from Selector is not "
+                    "supported by extsvc-controller; no HTTPRoute attaches there",
+                )
+            )
 
     # HTTPRoute statuses.
     for r_key in sorted(t.routes):
@@ -712,7 +796,7 @@ def translate(snapshot: Snapshot, options: Options | None = None) -> Translation
     cluster_list = [t.clusters[k] for k in sorted(t.clusters)]
     boot = envoy.bootstrap(t.options.admin, listeners, cluster_list, [secrets[k] for k in sorted(secrets)])
     statuses = tuple(t.statuses[k] for k in sorted(t.statuses))
-    return Translation(boot, statuses, tuple(explains))
+    return Translation(boot, statuses, tuple(explains), tuple(sorted(files.items())))
 
 
 def _route_refs(t: _Translator, r_key: tuple[str, str], st: Status) -> bool:
@@ -918,7 +1002,7 @@ def _route(
     # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route (§3.6).
     scope: list[tuple[int, Policy]] = []
     problems: list[str] = []
-    for p in t.policies.values():
+    for p in t.targeting("HTTPRoute", ns, name):
         for section in _matches(p, "HTTPRoute", ns, name, route.metadata.labels):
             if section is None:
                 scope.append((0, p))
@@ -1041,13 +1125,15 @@ def _policy_statuses(t: _Translator) -> None:
             else:
                 attached = Condition("Attached", "False", "Pending", "no target found")
         conditions = [accepted, attached]
-        if p.spec is not None and p.spec.unsupported:
+        # Sections accepted but not enforced (the rejected security ones are in Accepted above).
+        ignored = [n for n in p.spec.unsupported if n not in p.spec.unenforceable] if p.spec else []
+        if ignored:
             conditions.append(
                 Condition(
                     "extsvc.dev/Supported",
                     "False",
                     "UnsupportedField",
-                    "not translated by extsvc-controller (NOT enforced): " + ", ".join(p.spec.unsupported),
+                    "not translated by extsvc-controller (NOT enforced): " + ", ".join(ignored),
                 )
             )
         st.warnings.extend(p.warnings)

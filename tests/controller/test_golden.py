@@ -27,7 +27,14 @@ CASES = HERE / "cases"
 COMMON = CASES / "common.yaml"
 NAMES = sorted(p.name for p in CASES.iterdir() if p.is_dir())
 REGEN = os.environ.get("EXTSVC_REGEN_GOLDEN") == "1"
-INVALID = {"crossns-nogrant", "failures", "gateway-invalid"}
+INVALID = {
+    "allowed-routes-selector",
+    "crossns-nogrant",
+    "failures",
+    "gateway-invalid",
+    "https",
+    "security-fail-closed",
+}
 
 
 def run(case: str) -> Translation:
@@ -97,3 +104,20 @@ def test_cli_explain_one_rule(capsys: pytest.CaptureFixture[str]) -> None:
     assert "runs global_disable/ext_auth" in text
     assert "skip ext_auth/demo/authz" in text
     assert main(["explain", "-f", str(COMMON), "demo/nothere"]) == 1
+
+
+@pytest.mark.envoy
+def test_cli_render_secret_dir_writes_keys_as_files(tmp_path: Path) -> None:
+    """STYLE.md §4: with --secret-dir the bootstrap names files instead of holding the key."""
+    out, secrets = tmp_path / "envoy.yaml", tmp_path / "secrets"
+    args = ["render", "-f", str(COMMON), "-f", str(CASES / "https"), "-o", str(out)]
+    assert main([*args, "--secret-dir", str(secrets), "--status", str(tmp_path / "status.yaml")]) == 1
+    text = out.read_text()
+    assert "inline_bytes" not in text
+    assert f"filename: {secrets}/demo/shop-cert/tls.key" in text
+    key = secrets / "demo" / "shop-cert" / "tls.key"
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert not (secrets / "certs" / "legacy-cert").exists()  # not granted: not written
+    _, rc, output = validate(out)
+    assert rc == 0, output
