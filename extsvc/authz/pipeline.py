@@ -10,6 +10,7 @@ from typing import Any
 
 from extsvc.authz.model import CheckContext, Decision
 from extsvc.config.model import Combine, OnError
+from extsvc.deadline import Deadline, run_guarded
 from extsvc.plugin.protocols import Authorizer
 
 log = logging.getLogger(__name__)
@@ -75,37 +76,25 @@ class CompiledPolicy:
     async def evaluate(self, request: CheckContext, deadline: float) -> Outcome:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
 
-        Every step shares the same absolute deadline, so one timer covers them all; ``running``
-        remembers which step was running when it fired.
+        Every step shares the same absolute deadline, so one timer covers them all, armed only
+        when a step actually suspends (:mod:`extsvc.deadline`); ``running`` remembers which step
+        was running when it fired.
         """
         if self.timeout_s is not None:
             deadline = min(deadline, asyncio.get_running_loop().time() + self.timeout_s)
         running: list[CompiledStep] = []
-        # A bare call_at + cancel is a third of asyncio.timeout()'s cost, and this is per request.
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            task.cancel()
-
-        timer = loop.call_at(deadline, expire)
+        guard = Deadline(deadline)
         try:
             if self.combine is Combine.FIRST_DECISIVE:
-                outcome = await self._first_decisive(request, running)
+                outcome = await self._first_decisive(request, running, guard)
             elif self.combine is Combine.ALL_MUST_ALLOW:
-                outcome = await self._all_must_allow(request, running)
+                outcome = await self._all_must_allow(request, running, guard)
             else:
-                outcome = await self._any_allow(request, running)
+                outcome = await self._any_allow(request, running, guard)
         except StepFailed as failure:
             outcome = self._on_failure(request, failure)
         except asyncio.CancelledError:
-            if not expired:
-                raise  # cancelled from outside (the RPC was cancelled): not ours to answer
-            expired.clear()  # our cancel request is consumed here, not in `finally`
-            if task.uncancel() > 0:
+            if not guard.consume():
                 raise
             if not running:  # cannot happen: cancellation is delivered inside a step's await
                 outcome = self.internal_error(request)
@@ -114,9 +103,7 @@ class CompiledPolicy:
                 step.overran.inc()
                 outcome = self._on_failure(request, StepFailed(step, "overran the deadline"))
         finally:
-            timer.cancel()
-            if expired and task.cancelling():  # a step swallowed our CancelledError
-                task.uncancel()
+            guard.disarm()
         if self.identity_headers and outcome.decision.allowed:
             outcome = self._scrub_identity(outcome)
         return outcome
@@ -138,19 +125,21 @@ class CompiledPolicy:
             decision, upstream_remove=decision.upstream_remove + tuple(stale)
         ))
 
-    async def _first_decisive(self, request: CheckContext, running: list[CompiledStep]) -> Outcome:
+    async def _first_decisive(
+        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
+    ) -> Outcome:
         for step in self.steps:
-            decision = await self._run(step, request, running)
+            decision = await self._run(step, request, running, guard)
             if decision is not None:
                 return Outcome(decision, "allow" if decision.allowed else "deny", step.label)
         return Outcome(self.default_decision, "deny")
 
     async def _all_must_allow(
-        self, request: CheckContext, running: list[CompiledStep]
+        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
     ) -> Outcome:
         merged: Decision | None = None
         for step in self.steps:
-            decision = await self._run(step, request, running)
+            decision = await self._run(step, request, running, guard)
             if decision is None:
                 continue
             if not decision.allowed:
@@ -160,10 +149,12 @@ class CompiledPolicy:
             return Outcome(self.default_decision, "deny")
         return Outcome(merged, "allow", self.steps[-1].label)
 
-    async def _any_allow(self, request: CheckContext, running: list[CompiledStep]) -> Outcome:
+    async def _any_allow(
+        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
+    ) -> Outcome:
         first_denial: Outcome | None = None
         for step in self.steps:
-            decision = await self._run(step, request, running)
+            decision = await self._run(step, request, running, guard)
             if decision is None:
                 continue
             if decision.allowed:
@@ -173,12 +164,16 @@ class CompiledPolicy:
         return first_denial or Outcome(self.default_decision, "deny")
 
     async def _run(
-        self, step: CompiledStep, request: CheckContext, running: list[CompiledStep]
+        self,
+        step: CompiledStep,
+        request: CheckContext,
+        running: list[CompiledStep],
+        guard: Deadline,
     ) -> Decision | None:
         running.append(step)
         started = time.perf_counter()
         try:
-            decision = await step.authorizer.check(request)
+            decision = await run_guarded(step.authorizer.check(request), guard)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # isolating a plugin's failure is the point here

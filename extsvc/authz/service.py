@@ -41,15 +41,24 @@ def call_authority(context: Any) -> str:
     add an accessor, used when present. Until then the value is read from the ``x-extsvc-authority``
     metadata that the Envoy config can send with ``grpc_service.initial_metadata``.
     """
-    accessor = getattr(context, "experimental_authority", None) or getattr(context, "authority", None)
-    if accessor is not None:
-        value = accessor()
+    kind = type(context)
+    try:
+        name = _AUTHORITY_ACCESSOR[kind]
+    except KeyError:  # once per context class: a missing attribute costs a raised AttributeError
+        name = next((n for n in ("experimental_authority", "authority") if hasattr(kind, n)), None)
+        _AUTHORITY_ACCESSOR[kind] = name
+    if name is not None:
+        value = getattr(context, name)()
         if value:
             return value.decode() if isinstance(value, bytes) else str(value)
     for key, value in context.invocation_metadata() or ():
         if key == AUTHORITY_METADATA_KEY:
             return value.decode() if isinstance(value, bytes) else str(value)
     return ""
+
+
+#: per servicer-context class, the name of its ``:authority`` accessor (None: it has none)
+_AUTHORITY_ACCESSOR: dict[type, str | None] = {}
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extsvc.config.model import ExtprocConfig, ExtprocOnError
+from extsvc.deadline import Deadline, run_guarded
 from extsvc.extproc.model import Exchange, HttpMessage, ImmediateReply, Phase
 
 log = logging.getLogger(__name__)
@@ -74,17 +75,8 @@ class CompiledExtprocPolicy:
         chain = self.chains[message.phase.number]
         if not chain:
             return
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        expired: list[bool] = []
-
-        def expire() -> None:
-            expired.append(True)
-            task.cancel()
-
-        # A bare call_at + cancel is a third of asyncio.timeout()'s cost, and this is per message.
-        timer = loop.call_at(loop.time() + self.timeout_s, expire)
+        # One timer for the chain, armed only if a hook suspends (extsvc.deadline).
+        guard = Deadline(asyncio.get_running_loop().time() + self.timeout_s)
         current: CompiledProcessor | None = None
         mark = 0
         try:
@@ -92,7 +84,7 @@ class CompiledExtprocPolicy:
                 mark = len(message.ops)
                 started = time.perf_counter()
                 try:
-                    await hook(message)
+                    await run_guarded(hook(message), guard)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 (isolating a processor's failure is the point)
@@ -106,18 +98,13 @@ class CompiledExtprocPolicy:
                 if message.reply is not None:  # an immediate response ends the chain
                     return
         except asyncio.CancelledError:
-            if not expired:
-                raise  # the RPC was cancelled: not ours to answer
-            expired.clear()
-            if task.uncancel() > 0:
+            if not guard.consume():
                 raise
             assert current is not None
             current.overran.inc()
             self._failed(message, current, f"overran {self.timeout_s * 1000:.0f} ms", mark)
         finally:
-            timer.cancel()
-            if expired and task.cancelling():  # a processor swallowed our CancelledError
-                task.uncancel()
+            guard.disarm()
 
     def _failed(self, message: HttpMessage, processor: CompiledProcessor, why: str, mark: int) -> None:
         exchange = message.exchange

@@ -8,13 +8,13 @@ node matched by the request's last entry; a node without ``rate_limit`` there me
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from extsvc.deadline import within
 from extsvc.errors import StoreError
 from extsvc.observability.logging import LogThrottle
 from extsvc.ratelimit import algorithms as alg
@@ -220,9 +220,8 @@ class Limiter:
         # 3. One store call for the whole request.
         if ops:
             try:
-                if self._remote:
-                    async with asyncio.timeout(timeout_s):
-                        results = await self.store.apply(ops)
+                if self._remote and timeout_s is not None:
+                    results = await within(self.store.apply(ops), timeout_s)
                 else:
                     results = await self.store.apply(ops)
             except (StoreError, TimeoutError, OSError) as exc:

@@ -1,0 +1,121 @@
+"""Running plugin coroutines under a deadline without paying for a timer when they never wait.
+
+Most steps and processors finish without suspending (a cache hit, a header check). Arming an
+event-loop timer for them costs more than the step itself (``loop.call_at`` + ``cancel`` is a
+TimerHandle, a heap push and a cancelled entry for the loop to sweep, per request or message),
+and a timer can only fire while the code it guards is suspended anyway. So a step's coroutine is
+started eagerly with ``send(None)``; only if it suspends is the deadline timer armed, and the
+coroutine is then awaited from where it stopped (:func:`resume`). The behaviour is the one of
+arming the timer first: the same absolute deadline, the same cancellation on expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from collections.abc import Awaitable, Coroutine, Generator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Deadline:
+    """One timer for a whole policy run, armed on the first suspension.
+
+    :param when: event-loop time at which the running task is cancelled.
+    ``expired`` is set when the timer fired (then the ``CancelledError`` is ours to answer).
+    """
+
+    __slots__ = ("expired", "task", "timer", "when")
+
+    def __init__(self, when: float) -> None:
+        self.when = when
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.expired = False
+
+    def arm(self) -> None:
+        if self.timer is None:
+            self.task = asyncio.current_task()
+            assert self.task is not None
+            self.timer = asyncio.get_running_loop().call_at(self.when, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def disarm(self) -> None:
+        """Cancel the timer; undo our cancel request if the awaited code swallowed it."""
+        if self.timer is not None:
+            self.timer.cancel()
+            if self.expired and self.task is not None and self.task.cancelling():
+                self.task.uncancel()
+
+    def consume(self) -> bool:
+        """In an ``except CancelledError``: true if the cancellation was our expiry (and only
+        ours), which the caller then answers instead of re-raising."""
+        if not self.expired:
+            return False  # cancelled from outside (the RPC was cancelled): not ours to answer
+        self.expired = False  # our cancel request is consumed here, not in disarm()
+        assert self.task is not None
+        return self.task.uncancel() == 0
+
+
+async def run_guarded(awaitable: Awaitable[T], deadline: Deadline) -> T:
+    """Await ``awaitable`` (a plugin's ``check()``/hook result); arm ``deadline`` only if it
+    suspends."""
+    if type(awaitable) is not types.CoroutineType:
+        deadline.arm()
+        return await awaitable
+    coro: Coroutine[Any, Any, T] = awaitable
+    try:
+        waiting_on = coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    deadline.arm()
+    return await resume(coro, waiting_on)
+
+
+@types.coroutine
+def resume(coro: Coroutine[Any, Any, T], waiting_on: Any) -> Generator[Any, Any, T]:
+    """Go on awaiting ``coro`` after a ``send(None)`` that suspended on ``waiting_on``.
+
+    The delegation ``await`` does (PEP 380): what the task sends or throws in goes to ``coro``.
+    """
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # noqa: BLE001 (delegated to coro, as `await` would)
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration as done:
+                result: T = done.value
+                return result
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration as done:
+                result = done.value
+                return result
+
+
+async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """``async with asyncio.timeout(timeout_s): return await awaitable``, for about a third of
+    the cost (one bare timer, none if ``awaitable`` finishes without suspending).
+
+    :raises TimeoutError: when ``timeout_s`` passed first.
+    """
+    guard = Deadline(asyncio.get_running_loop().time() + timeout_s)
+    try:
+        return await run_guarded(awaitable, guard)
+    except asyncio.CancelledError:
+        if guard.consume():
+            raise TimeoutError from None
+        raise
+    finally:
+        guard.disarm()
