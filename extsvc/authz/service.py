@@ -19,7 +19,6 @@ from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
-_throttle = LogThrottle()
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 #: gRPC metadata key carrying the authority when grpcio cannot expose ``:authority`` itself.
@@ -72,6 +71,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     ) -> None:
         self._holder = holder
         self._metrics = metrics
+        #: per-request failure warnings, once per cause and interval (the metrics count all)
+        self._throttle = LogThrottle()
         self._margin = deadline_margin_s
         self._default_timeout = default_timeout_s
         self._not_ready = metrics.authz_decisions.labels("", "error")
@@ -80,7 +81,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
-            held = _throttle.allow("not-ready")
+            held = self._throttle.allow("not-ready")
             if held is not None:
                 log.warning("Check before the first config load: answering as an error "
                             "(%d more since the last report)", held)
@@ -107,12 +108,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             label = name[:64]
             self._metrics.unknown_policy.labels(label).inc()
             self._metrics.authz_decisions.labels(label, "deny").inc()
-            log.warning(
-                "denied: %s [request_id=%s]",
-                f"unknown policy {name!r}" if name else "no policy chosen and no default_policy",
-                check.request_id,
-                extra={"request_id": check.request_id},
-            )
+            held = self._throttle.allow(f"policy:{label}")
+            if held is not None:
+                log.warning(
+                    "denied: %s (%d more since the last report) [request_id=%s]",
+                    f"unknown policy {name!r}" if name else "no policy chosen and no default_policy",
+                    held, check.request_id,
+                    extra={"request_id": check.request_id},
+                )
             return _UNKNOWN_POLICY
 
         bind_policy(check, name)

@@ -22,7 +22,6 @@ from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
-_throttle = LogThrottle()
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -31,6 +30,8 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
     def __init__(self, holder: RuntimeHolder, metrics: Metrics) -> None:
         self._holder = holder
         self._metrics = metrics
+        #: per-request failure warnings, once per cause and interval (the metrics count all)
+        self._throttle = LogThrottle()
         self._not_ready = metrics.extproc_streams.labels("", "not-ready")
         self._active = metrics.extproc_active_streams
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
@@ -39,7 +40,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
-            held = _throttle.allow("not-ready")
+            held = self._throttle.allow("not-ready")
             if held is not None:
                 log.warning("ext_proc stream before the first config load: ending it with "
                             "UNAVAILABLE (%d more since the last report)", held)
@@ -61,12 +62,15 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 between = False
                 answers = await stream.feed(request)
                 if stream.unknown_policy and stream.received == 1:
-                    log.warning(
-                        "ext_proc stream answered 500: %s [request_id=%s]",
-                        f"unknown policy {stream.policy_name!r}" if stream.policy_name
-                        else "no policy chosen and no extproc.default_policy",
-                        stream.exchange.request_id,
-                    )
+                    held = self._throttle.allow(f"policy:{stream.policy_name[:64]}")
+                    if held is not None:
+                        log.warning(
+                            "ext_proc stream answered 500: %s (%d more since the last report) "
+                            "[request_id=%s]",
+                            f"unknown policy {stream.policy_name!r}" if stream.policy_name
+                            else "no policy chosen and no extproc.default_policy",
+                            held, stream.exchange.request_id,
+                        )
                 for response in answers:
                     await write(response)
         except ProtocolError as exc:
