@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
 import yaml
+from benchkit import cpu_seconds, ensure_tools, free_port, wait_port, wait_ready
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.service.auth.v3 import external_auth_pb2
@@ -40,47 +37,14 @@ PY = sys.executable
 CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
 
 
-def ensure_tools(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None]
-    packages = {"h2load": "nghttp2-client", "wrk": "wrk"}
-    if missing:
-        print(f"installing {', '.join(missing)} with apt-get", file=sys.stderr)
-        subprocess.run(["apt-get", "install", "-y", "-q", *(packages[t] for t in missing)],
-                       check=True, stdout=subprocess.DEVNULL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
-def wait_ready(admin_port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("extsvc did not become ready")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

@@ -42,7 +42,7 @@ def wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> 
 
 
 def run_envoy_case(fx: Any, config: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from authz_bench import wait_port, wait_ready  # same directory
+    from benchkit import wait_port, wait_ready
 
     floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
     floor = subprocess.Popen([PY, str(ROOT / "bench" / "floor_server.py"), str(floor_port)])
