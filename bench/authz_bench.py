@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jwt
 import yaml
-from benchkit import cpu_seconds, ensure_tools, free_port, wait_port, wait_ready
+from benchkit import Sample, ensure_tools, free_port, h2load, median_sample, wait_port, wait_ready
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.service.auth.v3 import external_auth_pb2
@@ -125,39 +125,8 @@ def request_frame(fx: Fixture) -> bytes:
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
 
-@dataclass
-class Sample:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    cpu_us: float
-    failed: int
 
 
-def h2load(port: int, frame_file: Path, pid: int, requests: int, clients: int,
-           streams: int) -> Sample:
-    with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        before = cpu_seconds(pid)
-        out = subprocess.run(
-            ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
-             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
-             f"--log-file={log.name}", f"http://127.0.0.1:{port}{CHECK_PATH}"],
-            capture_output=True, text=True, check=True, timeout=300,
-        ).stdout
-        cpu = cpu_seconds(pid) - before
-        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line]
-    latencies = sorted(int(r[2]) for r in rows if r[1] == "200")
-    failed = sum(1 for r in rows if r[1] != "200")
-    rps = next(float(line.split()[3]) for line in out.splitlines() if line.startswith("finished in"))
-    if not latencies:
-        raise RuntimeError(f"no successful request:\n{out}")
-    return Sample(
-        rps=rps,
-        p50_ms=latencies[len(latencies) // 2] / 1000,
-        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000,
-        cpu_us=cpu / max(len(latencies), 1) * 1e6,
-        failed=failed,
-    )
 
 
 def check_allowed(port: int, fx: Fixture) -> None:
@@ -190,12 +159,12 @@ def run_case(case: str, fx: Fixture, args: argparse.Namespace) -> dict[str, obje
         check_allowed(ext_port, fx)
         warm = max(args.requests // 10, 500)
         for port, pid in ((floor_port, floor.pid), (ext_port, ext.pid)):
-            h2load(port, frame_file, pid, warm, args.clients, args.streams)
+            h2load(port, CHECK_PATH, frame_file, pid, warm, args.clients, args.streams)
         floor_samples, ext_samples = [], []
         for _ in range(args.rounds):
-            floor_samples.append(h2load(floor_port, frame_file, floor.pid, args.requests,
+            floor_samples.append(h2load(floor_port, CHECK_PATH, frame_file, floor.pid, args.requests,
                                         args.clients, args.streams))
-            ext_samples.append(h2load(ext_port, frame_file, ext.pid, args.requests,
+            ext_samples.append(h2load(ext_port, CHECK_PATH, frame_file, ext.pid, args.requests,
                                       args.clients, args.streams))
     finally:
         for proc in (floor, ext):
@@ -211,14 +180,6 @@ def run_case(case: str, fx: Fixture, args: argparse.Namespace) -> dict[str, obje
     }
 
 
-def median_sample(samples: list[Sample]) -> Sample:
-    return Sample(
-        rps=statistics.median(s.rps for s in samples),
-        p50_ms=statistics.median(s.p50_ms for s in samples),
-        p99_ms=statistics.median(s.p99_ms for s in samples),
-        cpu_us=statistics.median(s.cpu_us for s in samples),
-        failed=sum(s.failed for s in samples),
-    )
 
 
 def print_table(results: list[dict[str, object]]) -> None:

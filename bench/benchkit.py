@@ -9,14 +9,20 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from extsvc.testing.harness import free_port, http_get
 
-__all__ = ["cpu_seconds", "ensure_tools", "free_port", "wait_port", "wait_ready"]
+__all__ = [
+    "Sample", "cpu_seconds", "ensure_tools", "free_port", "h2load", "median_sample", "wait_port",
+    "wait_ready",
+]
 
 _PACKAGES = {"h2load": "nghttp2-client", "wrk": "wrk"}
 
@@ -55,3 +61,55 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sample:
+    """One h2load run against one server."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # the server's CPU time per successful request
+    failed: int
+    requests: int
+
+
+def h2load(
+    port: int, path: str, frame_file: Path, pid: int, requests: int, clients: int, streams: int
+) -> Sample:
+    """Send ``requests`` unary gRPC calls (the pre-encoded frame in ``frame_file``) to ``path``."""
+    with tempfile.NamedTemporaryFile(suffix=".log") as log:
+        before = cpu_seconds(pid)
+        out = subprocess.run(
+            ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
+             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+             f"--log-file={log.name}", f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout
+        cpu = cpu_seconds(pid) - before
+        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line]
+    latencies = sorted(int(r[2]) for r in rows if r[1] == "200")
+    rps = next(float(line.split()[3]) for line in out.splitlines() if line.startswith("finished in"))
+    if not latencies:
+        raise RuntimeError(f"no successful request:\n{out}")
+    return Sample(
+        rps=rps,
+        p50_ms=latencies[len(latencies) // 2] / 1000,
+        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000,
+        cpu_us=cpu / max(len(latencies), 1) * 1e6,
+        failed=sum(1 for r in rows if r[1] != "200"),
+        requests=len(rows),
+    )
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    """The median of each column over rounds (failures and requests summed)."""
+    return Sample(
+        rps=statistics.median(s.rps for s in samples),
+        p50_ms=statistics.median(s.p50_ms for s in samples),
+        p99_ms=statistics.median(s.p99_ms for s in samples),
+        cpu_us=statistics.median(s.cpu_us for s in samples),
+        failed=sum(s.failed for s in samples),
+        requests=sum(s.requests for s in samples),
+    )
