@@ -35,6 +35,8 @@ _throttle = LogThrottle()
 
 #: Local over-limit cache bound: past it, expired entries are dropped (then everything).
 LOCAL_CACHE_MAX = 100_000
+#: Bound of the per-domain cache of matched descriptors (see :class:`_Plan`); emptied when full.
+PLAN_CACHE_MAX = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,26 @@ class _Stats:
         self.local_cache = metrics.rl_over_limit_local_cache.labels(domain, label)
 
 
+class _Plan:
+    """What a descriptor's entries resolve to in one domain, computed once per distinct entries.
+
+    Matching, the metrics label (and its bound counters) and the key base depend only on the
+    domain tree and the entries, so they are cached per limiter (a reload builds a new limiter,
+    hence new plans). For fixed windows the window's key and the store operation for the usual
+    ``hits`` are kept too, and rebuilt when the window moves on.
+    """
+
+    __slots__ = ("base", "limit", "op", "path", "start", "stats")
+
+    def __init__(self, limit: Limit | None, path: list[Node], stats: _Stats | None, base: str) -> None:
+        self.limit = limit
+        self.path = path
+        self.stats = stats
+        self.base = base
+        self.start = -1  # the fixed window ``op`` was built for
+        self.op: Op | None = None
+
+
 class Limiter:
     """One compiled rate-limit config: the section's settings, the domains and the store.
 
@@ -131,6 +153,7 @@ class Limiter:
         self._near_ratio = section.near_limit_ratio
         self._local: dict[str, float] | None = {} if section.local_cache else None
         self._stats: dict[tuple[str, str], _Stats] = {}
+        self._plans: dict[str, dict[tuple[tuple[str, str], ...], _Plan]] = {}
         self._store_errors = {
             mode: metrics.rl_store_errors.labels(store.kind, mode) for mode in ("allow", "deny")
         }
@@ -166,43 +189,67 @@ class Limiter:
         now = self._clock()
         now_s = int(now)
 
-        # 1. Match every descriptor.
-        limits: list[Limit | None] = []
-        paths: list[list[Node]] = []
-        replaced: set[str] = set()
-        for d in descriptors:
-            path: list[Node] = []
+        # 1. Match every descriptor (cached per distinct entries: see _Plan).
+        plans = self._plans.get(domain_name)
+        if plans is None:
+            plans = self._plans[domain_name] = {}
+        count = len(descriptors)
+        limits: list[Limit | None] = [None] * count
+        chosen: list[_Plan | None] = [None] * count
+        replaced: frozenset[str] | None = None
+        for i, d in enumerate(descriptors):
             if d.override is not None:
                 limit = self._override(d)
             else:
-                limit, path = match(domain, d.entries)
+                plan = plans.get(d.entries)
+                if plan is None:
+                    plan = self._plan(plans, domain, d.entries)
+                chosen[i] = plan
+                limit = plan.limit
             if limit is not None and limit.replaces:
-                replaced |= limit.replaces
-            limits.append(limit)
-            paths.append(path)
+                replaced = limit.replaces if replaced is None else replaced | limit.replaces
+            limits[i] = limit
         if replaced:
             limits = [None if (lm is not None and lm.name in replaced) else lm for lm in limits]
 
         # 2. One store operation per limited descriptor.
-        statuses: list[Status | None] = [None] * len(descriptors)
+        statuses: list[Status | None] = [None] * count
         ops: list[Op] = []
         op_index: list[int] = []
-        stats: list[_Stats | None] = [None] * len(descriptors)
-        hits_of = [0] * len(descriptors)
-        for i, (d, limit) in enumerate(zip(descriptors, limits, strict=True)):
+        stats: list[_Stats | None] = [None] * count
+        hits_of = [0] * count
+        for i, limit in enumerate(limits):
             if limit is None:
                 statuses[i] = OK_NO_LIMIT
                 continue
             if limit.unlimited:
                 statuses[i] = UNLIMITED
                 continue
+            d = descriptors[i]
             hits = default_hits if d.hits is None else d.hits
             hits_of[i] = hits
-            label = self._label(limit, paths[i], d.entries)
-            st = stats[i] = self._stats_for(domain_name, label)
+            plan = chosen[i]
+            if plan is None:  # Envoy's per-descriptor limit override: nothing cached
+                st = self._stats_for(domain_name, self._label(limit, [], d.entries))
+                op = self._op(limit, self._base_key(domain_name, d.entries, []), hits, now, now_s)
+            else:
+                bound = plan.stats
+                if bound is None:  # bound on first use (a replaced limit never gets a series)
+                    bound = plan.stats = self._stats_for(
+                        domain_name, self._label(limit, plan.path, d.entries)
+                    )
+                st = bound
+                if limit.algorithm is Algorithm.FIXED_WINDOW:
+                    window = limit.window_s
+                    start = now_s // window * window  # alg.fixed_window_start
+                    op = plan.op
+                    if op is None or plan.start != start or op.hits != hits:
+                        op = plan.op = alg.fixed_op(plan.base, hits, window, now_s)
+                        plan.start = start
+                else:
+                    op = self._op(limit, plan.base, hits, now, now_s)
+            stats[i] = st
             st.hits.inc(hits)
-            base = self._base_key(domain_name, d.entries, paths[i])
-            op = self._op(limit, base, hits, now, now_s)
             if op is None:  # a zero limit under sliding/token bucket: nothing can pass
                 statuses[i] = Status(True, limit, 0, limit.window_s)
                 st.over.inc(hits)
@@ -226,16 +273,44 @@ class Limiter:
                     results = await self.store.apply(ops)
             except (StoreError, TimeoutError, OSError) as exc:
                 return self._store_failed(exc, descriptors, limits, timeout_s)
+            near_ratio = self._near_ratio
             for op, i, result in zip(ops, op_index, results, strict=True):
                 limit = limits[i]
                 assert limit is not None
-                outcome = self._outcome(limit, op, result, hits_of[i], now_s)
-                statuses[i] = self._account(limit, op, outcome, hits_of[i], stats[i], now)
+                hits = hits_of[i]
+                used = result[0]
+                counters = stats[i]
+                if (op.kind == "f" and hits and counters is not None
+                        and used <= int(limit.requests_per_unit * near_ratio)):
+                    # The common case, short-cut: a fixed window well within the limit (at or
+                    # below the near-limit threshold, itself <= the limit). What fixed_status,
+                    # tally and _account give for it: every hit within, none near or over.
+                    counters.within.inc(hits)
+                    window = limit.window_s
+                    statuses[i] = Status(
+                        False, limit, limit.requests_per_unit - used, window - now_s % window
+                    )
+                    continue
+                outcome = self._outcome(limit, op, result, hits, now_s)
+                statuses[i] = self._account(limit, op, outcome, hits, counters, now)
 
         final: tuple[Status, ...] = tuple(s if s is not None else OK_NO_LIMIT for s in statuses)
         return self._answer(final, limits)
 
     # --- pieces ---------------------------------------------------------------------------
+
+    def _plan(
+        self,
+        plans: dict[tuple[tuple[str, str], ...], _Plan],
+        domain: Domain,
+        entries: tuple[tuple[str, str], ...],
+    ) -> _Plan:
+        limit, path = match(domain, entries)
+        plan = _Plan(limit, path, None, self._base_key(domain.name, entries, path))
+        if len(plans) >= PLAN_CACHE_MAX:
+            plans.clear()
+        plans[entries] = plan
+        return plan
 
     def _override(self, d: DescriptorRequest) -> Limit | None:
         assert d.override is not None

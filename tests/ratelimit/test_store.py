@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from extsvc.ratelimit import algorithms as alg
 from extsvc.ratelimit.store import LimitStore
@@ -139,3 +141,29 @@ async def test_cluster_hash_tag_puts_a_request_in_one_slot(
         assert len(keys) == 8 and all(k.startswith("rl:{d}_a_") for k in keys)
     finally:
         await cluster_store.aclose()
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("fsg"), st.text(min_size=1, max_size=12), st.integers(0, 10**6),
+                  st.integers(0, 10**12)),
+        min_size=1, max_size=5,
+    )
+)
+def test_evalsha_encoding_is_the_generic_one(specs: list[tuple[str, str, int, int]]) -> None:
+    """The Redis store's cached EVALSHA encoding is byte for byte the generic RESP encoding."""
+    from extsvc.ratelimit.store.redis import LUA_SHA, _evalsha, _flatten
+    from extsvc.ratelimit.store.resp import encode
+
+    ops = []
+    for kind, key, hits, now in specs:
+        if kind == "f":
+            ops.append(alg.fixed_op(key, hits, 60, now))
+        elif kind == "s":
+            ops.append(alg.sliding_op(key, hits, 10, 60, now))
+        else:
+            ops.append(alg.gcra_op(key, hits, 10, 5, 60, now))
+    keys, args = _flatten(ops)
+    expected = encode(["EVALSHA", LUA_SHA, len(keys), *keys, *args])
+    assert _evalsha(ops) == expected
+    assert _evalsha(ops) == expected  # from the cache

@@ -86,6 +86,50 @@ return out
 LUA_SHA = hashlib.sha1(LUA.encode()).hexdigest()  # noqa: S324 (Redis names scripts by SHA-1)
 
 
+_EVALSHA = b"$7\r\nEVALSHA\r\n$40\r\n" + LUA_SHA.encode() + b"\r\n"
+#: Encoded RESP bulk strings of keys and of fixed-window argument groups, which repeat from
+#: request to request (a window's keys, constant arguments); bounded, emptied when full.
+_encoded: dict[Any, bytes] = {}
+_ENCODED_MAX = 10_000
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _encode_args(op: Op) -> bytes:
+    return b"".join(_bulk(str(v).encode()) for v in (op.kind, op.hits, op.a, op.b, op.c))
+
+
+def _evalsha(ops: Sequence[Op]) -> bytes:
+    """``EVALSHA LUA_SHA numkeys *keys *args`` as RESP, what ``encode()`` gives for
+    ``_flatten(ops)``, with the repeating parts encoded once."""
+    cache = _encoded
+    if len(cache) >= _ENCODED_MAX:
+        cache.clear()
+    keys: list[bytes] = []
+    args: list[bytes] = []
+    for op in ops:
+        for key in op.keys:
+            data = cache.get(key)
+            if data is None:
+                data = cache[key] = _bulk(key.encode())
+            keys.append(data)
+        if op.kind == "f":
+            ident = (op.hits, op.a, op.b, op.c)
+            data = cache.get(ident)
+            if data is None:
+                data = cache[ident] = _encode_args(op)
+            args.append(data)
+        else:  # sliding and GCRA arguments change with the clock
+            args.append(_encode_args(op))
+    count = str(len(keys)).encode()
+    return b"".join((
+        b"*%d\r\n" % (3 + len(keys) + 5 * len(ops)), _EVALSHA,
+        b"$%d\r\n%s\r\n" % (len(count), count), *keys, *args,
+    ))
+
+
 def _flatten(ops: Sequence[Op]) -> tuple[list[str], list[Any]]:
     keys: list[str] = []
     args: list[Any] = []
@@ -130,12 +174,12 @@ class RedisStore:
         )
 
     async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
-        keys, args = _flatten(ops)
         try:
-            result = await self._client.call("EVALSHA", LUA_SHA, len(keys), *keys, *args)
+            result = await self._client.call_encoded(_evalsha(ops))
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise StoreError(f"redis: {exc}") from exc
+            keys, args = _flatten(ops)
             result = await self._client.call("EVAL", LUA, len(keys), *keys, *args)
         return [(int(x), int(y)) for x, y in result]
 

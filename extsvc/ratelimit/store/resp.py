@@ -3,8 +3,9 @@
 Why not redis-py here: its asyncio client checks a connection out of a pool, writes, awaits the
 reply and checks it back in for every command, which cost ~300 µs of CPU per rate-limit RPC in
 ``bench/ratelimit_bench.py``. Redis executes commands one at a time anyway, so this client keeps one
-connection, writes each command as soon as it is issued (commands issued in the same event-loop
-turn leave in one ``write``), and a parser resolves the waiting futures in order as replies arrive.
+connection, writes the commands issued during one event-loop turn together at the start of the
+next (one ``write``, and one read for Redis), and a parser resolves the waiting futures in order as
+replies arrive. One watchdog timer, not one per command, bounds how long a command waits.
 
 Failure behaviour: a lost connection fails every waiting command at once; the next command
 reconnects, but at most one connect attempt runs at a time and a failed attempt is not retried
@@ -50,31 +51,41 @@ def parse(buffer: bytes, pos: int) -> tuple[Reply, int]:
     end = buffer.find(b"\r\n", pos)
     if end < 0:
         raise _Incomplete
-    kind, line = buffer[pos:pos + 1], buffer[pos + 1:end]
-    pos = end + 2
-    if kind == b":":
-        return int(line), pos
-    if kind == b"*":
-        count = int(line)
+    kind = buffer[pos]
+    if kind == 0x3A:  # ":" integer
+        return int(buffer[pos + 1:end]), end + 2
+    if kind == 0x2A:  # "*" array
+        count = int(buffer[pos + 1:end])
+        pos = end + 2
         if count < 0:
             return None, pos
         items = []
         for _ in range(count):
-            item, pos = parse(buffer, pos)
-            items.append(item)
+            # Integers inline (a script's reply is arrays of them): no call per element.
+            end = buffer.find(b"\r\n", pos)
+            if end < 0:
+                raise _Incomplete
+            if buffer[pos] == 0x3A:
+                items.append(int(buffer[pos + 1:end]))
+                pos = end + 2
+            else:
+                item, pos = parse(buffer, pos)
+                items.append(item)
         return items, pos
-    if kind == b"$":
+    line = buffer[pos + 1:end]
+    pos = end + 2
+    if kind == 0x24:  # "$" bulk string
         size = int(line)
         if size < 0:
             return None, pos
         if len(buffer) < pos + size + 2:
             raise _Incomplete
         return buffer[pos:pos + size], pos + size + 2
-    if kind == b"+":
+    if kind == 0x2B:  # "+" simple string
         return line.decode(), pos
-    if kind == b"-":
+    if kind == 0x2D:  # "-" error
         return RespError(line.decode("utf-8", "replace")), pos
-    raise StoreError(f"redis: unexpected reply type {kind!r}")
+    raise StoreError(f"redis: unexpected reply type {bytes([kind])!r}")
 
 
 class _Connection(asyncio.Protocol):
@@ -82,6 +93,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self._buffer = b""
+        self._outgoing: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,15 +132,20 @@ class _Connection(asyncio.Protocol):
 
     def send(self, payload: bytes) -> asyncio.Future[Reply]:
         assert self.transport is not None
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
         self.waiting.append(future)
-        self.transport.write(payload)
+        # Commands issued during one event-loop turn leave in one write (one send() here, one
+        # read and one reply write in Redis), flushed at the start of the next turn.
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(payload)
         return future
 
-
-def _expire(future: asyncio.Future[Reply], timeout: float) -> None:
-    if not future.done():
-        future.set_exception(StoreError(f"redis: no reply within {timeout * 1000:.0f} ms"))
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
+            self.transport.write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
 
 class PipelinedRedis:
@@ -161,6 +178,10 @@ class PipelinedRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._failed_at = -1e9
+        # Command deadlines, in send order (all commands have the same timeout, so the order of
+        # their deadlines too); one timer for the earliest pending one instead of one per command.
+        self._deadlines: deque[tuple[float, asyncio.Future[Reply]]] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
         self._last_error = ""
 
     async def _connect(self) -> _Connection:
@@ -212,20 +233,46 @@ class PipelinedRedis:
 
     async def call(self, *args: bytes | str | int) -> Reply:
         """Send one command and return its reply; an error reply raises :class:`RespError`."""
+        return await self.call_encoded(encode(args))
+
+    async def call_encoded(self, payload: bytes) -> Reply:
+        """:meth:`call` for a command already encoded (see :func:`encode`)."""
         conn = await self._connection()
-        future = conn.send(encode(args))
-        # A bare timer instead of asyncio.wait_for (a third of its cost); the reply of a timed-out
-        # command is still read in order and dropped.
-        timer = asyncio.get_running_loop().call_later(self._timeout, _expire, future, self._timeout)
-        try:
-            reply = await future
-        finally:
-            timer.cancel()
+        future = conn.send(payload)
+        # Bounded by the watchdog (_expire) rather than asyncio.wait_for or a timer armed and
+        # cancelled per command; the reply of a timed-out command is still read in order and
+        # dropped.
+        loop = asyncio.get_running_loop()
+        when = loop.time() + self._timeout
+        self._deadlines.append((when, future))
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(when, self._expire)
+        reply = await future
         if isinstance(reply, RespError):
             raise reply
         return reply
 
+    def _expire(self) -> None:
+        """Fail the commands past their deadline; re-arm for the earliest one still waiting."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            when, future = deadlines[0]
+            if not future.done():
+                if when > now:
+                    self._watchdog = loop.call_at(when, self._expire)
+                    return
+                future.set_exception(
+                    StoreError(f"redis: no reply within {self._timeout * 1000:.0f} ms")
+                )
+            deadlines.popleft()
+
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(BaseException):
