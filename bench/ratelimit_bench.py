@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from benchkit import Sample, free_port, h2load, median_sample, wait_port, wait_ready
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 
@@ -107,38 +103,12 @@ def serve_floor(port: int) -> None:
 # --- plumbing --------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
-def wait_ready(admin_port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("extsvc did not become ready")
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def redis_cli(port: int, *args: str) -> str:
@@ -155,39 +125,8 @@ def redis_calls(port: int) -> int:
     return calls
 
 
-@dataclass
-class Sample:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    cpu_us: float
-    failed: int
-    requests: int
 
 
-def h2load(port: int, frame_file: Path, pid: int, requests: int, clients: int, streams: int) -> Sample:
-    with tempfile.NamedTemporaryFile(suffix=".log") as log:
-        before = cpu_seconds(pid)
-        out = subprocess.run(
-            ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
-             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
-             f"--log-file={log.name}", f"http://127.0.0.1:{port}{RLS_PATH}"],
-            capture_output=True, text=True, check=True, timeout=300,
-        ).stdout
-        cpu = cpu_seconds(pid) - before
-        rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line]
-    latencies = sorted(int(r[2]) for r in rows if r[1] == "200")
-    rps = next(float(line.split()[3]) for line in out.splitlines() if line.startswith("finished in"))
-    if not latencies:
-        raise RuntimeError(f"no successful request:\n{out}")
-    return Sample(
-        rps=rps,
-        p50_ms=latencies[len(latencies) // 2] / 1000,
-        p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000,
-        cpu_us=cpu / max(len(latencies), 1) * 1e6,
-        failed=sum(1 for r in rows if r[1] != "200"),
-        requests=len(rows),
-    )
 
 
 def check_answer(port: int) -> None:
@@ -239,13 +178,13 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
         check_answer(ext_port)
         warm = max(args.requests // 10, 500)
         for port, pid in ((floor_port, floor.pid), (ext_port, ext.pid)):
-            h2load(port, frame_file, pid, warm, args.clients, args.streams)
+            h2load(port, RLS_PATH, frame_file, pid, warm, args.clients, args.streams)
         floor_samples, ext_samples = [], []
         calls_before = redis_calls(redis_port) if redis_port else 0
         for _ in range(args.rounds):
-            floor_samples.append(h2load(floor_port, frame_file, floor.pid, args.requests,
+            floor_samples.append(h2load(floor_port, RLS_PATH, frame_file, floor.pid, args.requests,
                                         args.clients, args.streams))
-            ext_samples.append(h2load(ext_port, frame_file, ext.pid, args.requests,
+            ext_samples.append(h2load(ext_port, RLS_PATH, frame_file, ext.pid, args.requests,
                                       args.clients, args.streams))
         round_trips = None
         if redis_port:
@@ -267,15 +206,6 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
     }
 
 
-def median_sample(samples: list[Sample]) -> Sample:
-    return Sample(
-        rps=statistics.median(s.rps for s in samples),
-        p50_ms=statistics.median(s.p50_ms for s in samples),
-        p99_ms=statistics.median(s.p99_ms for s in samples),
-        cpu_us=statistics.median(s.cpu_us for s in samples),
-        failed=sum(s.failed for s in samples),
-        requests=sum(s.requests for s in samples),
-    )
 
 
 def print_table(results: list[dict[str, object]]) -> None:
