@@ -17,9 +17,7 @@ redis-server on a free port) and stops by itself.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 from benchkit import Sample, free_port, h2load, median_sample, wait_port, wait_ready
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
+from floorkit import serve_floor
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -72,8 +71,7 @@ def request_frame() -> bytes:
 # --- the floor: a bare servicer answering a constant OK with 3 statuses ---------------------
 
 
-def serve_floor(port: int) -> None:
-    import grpc
+def run_floor(port: int) -> None:
     from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
     ok = rls_pb2.RateLimitResponse.OK
@@ -85,19 +83,9 @@ def serve_floor(port: int) -> None:
         async def ShouldRateLimit(self, request: object, context: object) -> object:
             return answer
 
-    async def main() -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Floor(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.stop(0)
-
-    asyncio.run(main())
+    serve_floor(
+        lambda server: rls_pb2_grpc.add_RateLimitServiceServicer_to_server(Floor(), server), port
+    )
 
 
 # --- plumbing --------------------------------------------------------------------------------
@@ -234,7 +222,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     args = parser.parse_args()
     if args.serve_floor:
-        serve_floor(args.serve_floor)
+        run_floor(args.serve_floor)
         return 0
     missing = [t for t in ("h2load", "redis-server") if shutil.which(t) is None]
     if missing:
