@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from . import envoy, model
 from .model import GATEWAY_API, KGATEWAY
@@ -472,30 +473,20 @@ class _Translator:
             origins[name] = [f"{KGATEWAY}/TrafficPolicy/{policy.ref}"]
             if name == "extAuth":
                 assert spec.ext_auth is not None
-                if spec.ext_auth.disable is not None:
-                    config[envoy.DISABLE_EXT_AUTH] = envoy.enable()
-                    explain[envoy.DISABLE_EXT_AUTH] = (policy.ref, "disable: {}")
-                else:
-                    p = policy.providers[name]
-                    config[p.name] = envoy.ext_authz_per_route(spec.ext_auth)
-                    ctx = spec.ext_auth.context_extensions
-                    explain[p.name] = (
-                        policy.ref,
-                        f"contextExtensions={dict(sorted(ctx.items()))}" if ctx else "",
-                    )
+                ctx = spec.ext_auth.context_extensions
+                _provider_or_disable(
+                    config, explain, policy, name, spec.ext_auth.disable is not None,
+                    envoy.DISABLE_EXT_AUTH, envoy.ext_authz_per_route, spec.ext_auth,
+                    f"contextExtensions={dict(sorted(ctx.items()))}" if ctx else "",
+                )
             elif name == "extProc":
                 assert spec.ext_proc is not None
-                if spec.ext_proc.disable is not None:
-                    config[envoy.DISABLE_EXT_PROC] = envoy.enable()
-                    explain[envoy.DISABLE_EXT_PROC] = (policy.ref, "disable: {}")
-                else:
-                    p = policy.providers[name]
-                    config[p.name] = envoy.ext_proc_per_route(spec.ext_proc)
-                    mode = spec.ext_proc.processing_mode
-                    explain[p.name] = (
-                        policy.ref,
-                        f"processingMode={mode.model_dump(by_alias=True)}" if mode else "",
-                    )
+                mode = spec.ext_proc.processing_mode
+                _provider_or_disable(
+                    config, explain, policy, name, spec.ext_proc.disable is not None,
+                    envoy.DISABLE_EXT_PROC, envoy.ext_proc_per_route, spec.ext_proc,
+                    f"processingMode={mode.model_dump(by_alias=True)}" if mode else "",
+                )
             elif name == "rateLimit.local":
                 assert spec.rate_limit is not None and spec.rate_limit.local is not None
                 local = spec.rate_limit.local
@@ -1144,3 +1135,28 @@ def _policy_statuses(t: _Translator) -> None:
             )
         else:
             st.conditions = conditions
+
+
+_Section = TypeVar("_Section")
+
+
+def _provider_or_disable(
+    config: dict[str, envoy.Any],
+    explain: dict[str, tuple[str, str]],
+    policy: Policy,
+    field: str,
+    disabled: bool,
+    disable_filter: str,
+    per_route: Callable[[_Section], envoy.Any],
+    section: _Section,
+    settings: str,
+) -> None:
+    """extAuth / extProc at one scope: ``disable: {}`` switches the global-disable filter on,
+    otherwise the provider's filter gets its per-route config."""
+    if disabled:
+        config[disable_filter] = envoy.enable()
+        explain[disable_filter] = (policy.ref, "disable: {}")
+        return
+    provider = policy.providers[field].name
+    config[provider] = per_route(section)
+    explain[provider] = (policy.ref, settings)
