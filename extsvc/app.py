@@ -81,6 +81,7 @@ class ExtsvcServer:
         self._server: Any = None
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
         self.grpc_port = 0
 
     @property
@@ -103,6 +104,7 @@ class ExtsvcServer:
 
     async def start(self) -> None:
         s = self.settings
+        self._flusher = asyncio.get_running_loop().create_task(self.metrics.run_flusher())
         await self.host.startup(s)
         await self.health.start()
         await self.admin.start(s.admin_address, reuse_port=self._reuse_port)
@@ -202,6 +204,10 @@ class ExtsvcServer:
             self.health.alive = False
             await self.admin.stop()
         finally:
+            if self._flusher is not None:  # its last flush leaves the final counts in place
+                self._flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._flusher
             self._stopped.set()
         log.info("stopped")
 

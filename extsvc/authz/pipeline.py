@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, replace
+from time import perf_counter
+from types import CoroutineType
 from typing import Any
 
 from extsvc.authz.model import CheckContext, Decision
 from extsvc.config.model import Combine, OnError
-from extsvc.deadline import Deadline, run_guarded
+from extsvc.deadline import Deadline, resume
 from extsvc.plugin.protocols import Authorizer
 
 log = logging.getLogger(__name__)
@@ -77,29 +78,70 @@ class CompiledPolicy:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
 
         Every step shares the same absolute deadline, so one timer covers them all, armed only
-        when a step actually suspends (:mod:`extsvc.deadline`); ``running`` remembers which step
-        was running when it fired.
+        when a step actually suspends (:mod:`extsvc.deadline`). The steps run inline here, one
+        frame for the whole policy: this is the hottest loop of ext_authz, and each extra
+        coroutine per step cost about a microsecond per request.
         """
         if self.timeout_s is not None:
             deadline = min(deadline, asyncio.get_running_loop().time() + self.timeout_s)
-        running: list[CompiledStep] = []
         guard = Deadline(deadline)
+        step: CompiledStep | None = None
+        combine = self.combine
+        merged: Decision | None = None
+        first_denial: Outcome | None = None
         try:
-            if self.combine is Combine.FIRST_DECISIVE:
-                outcome = await self._first_decisive(request, running, guard)
-            elif self.combine is Combine.ALL_MUST_ALLOW:
-                outcome = await self._all_must_allow(request, running, guard)
+            for step in self.steps:
+                started = perf_counter()
+                try:
+                    pending = step.authorizer.check(request)
+                    if type(pending) is CoroutineType:
+                        try:
+                            waiting_on = pending.send(None)
+                        except StopIteration as done:
+                            decision = done.value
+                        else:
+                            guard.arm()
+                            decision = await resume(pending, waiting_on)
+                    else:
+                        guard.arm()
+                        decision = await pending
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # isolating a plugin's failure is the point here
+                    raise self._raised(step, request, exc) from exc
+                finally:
+                    step.duration.observe(perf_counter() - started)
+                if decision is None:
+                    continue
+                if type(decision) is not Decision and not isinstance(decision, Decision):
+                    step.invalid.inc()
+                    raise StepFailed(step, f"returned {type(decision).__name__}, not a Decision")
+                if combine is Combine.FIRST_DECISIVE:
+                    outcome = Outcome(decision, "allow" if decision.allowed else "deny", step.label)
+                    break
+                if combine is Combine.ALL_MUST_ALLOW:
+                    if not decision.allowed:
+                        outcome = Outcome(decision, "deny", step.label)
+                        break
+                    merged = decision if merged is None else merged.merge(decision)
+                elif decision.allowed:  # ANY_ALLOW
+                    outcome = Outcome(decision, "allow", step.label)
+                    break
+                elif first_denial is None:
+                    first_denial = Outcome(decision, "deny", step.label)
             else:
-                outcome = await self._any_allow(request, running, guard)
+                if merged is not None:
+                    outcome = Outcome(merged, "allow", self.steps[-1].label)
+                else:
+                    outcome = first_denial or Outcome(self.default_decision, "deny")
         except StepFailed as failure:
             outcome = self._on_failure(request, failure)
         except asyncio.CancelledError:
             if not guard.consume():
                 raise
-            if not running:  # cannot happen: cancellation is delivered inside a step's await
+            if step is None:  # cannot happen: cancellation is delivered inside a step's await
                 outcome = self.internal_error(request)
             else:
-                step = running[-1]
                 step.overran.inc()
                 outcome = self._on_failure(request, StepFailed(step, "overran the deadline"))
         finally:
@@ -107,6 +149,15 @@ class CompiledPolicy:
         if self.identity_headers and outcome.decision.allowed:
             outcome = self._scrub_identity(outcome)
         return outcome
+
+    def _raised(self, step: CompiledStep, request: CheckContext, exc: Exception) -> StepFailed:
+        step.raised.inc()
+        log.warning(
+            "policy %s: step %s (%s) raised %r [request_id=%s]",
+            self.name, step.label, step.kind, exc, request.request_id,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        return StepFailed(step, f"raised {type(exc).__name__}")
 
     def _scrub_identity(self, outcome: Outcome) -> Outcome:
         """Remove the identity headers the allowing decision did not set itself.
@@ -124,72 +175,6 @@ class CompiledPolicy:
         return replace(outcome, decision=replace(
             decision, upstream_remove=decision.upstream_remove + tuple(stale)
         ))
-
-    async def _first_decisive(
-        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
-    ) -> Outcome:
-        for step in self.steps:
-            decision = await self._run(step, request, running, guard)
-            if decision is not None:
-                return Outcome(decision, "allow" if decision.allowed else "deny", step.label)
-        return Outcome(self.default_decision, "deny")
-
-    async def _all_must_allow(
-        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
-    ) -> Outcome:
-        merged: Decision | None = None
-        for step in self.steps:
-            decision = await self._run(step, request, running, guard)
-            if decision is None:
-                continue
-            if not decision.allowed:
-                return Outcome(decision, "deny", step.label)
-            merged = decision if merged is None else merged.merge(decision)
-        if merged is None:
-            return Outcome(self.default_decision, "deny")
-        return Outcome(merged, "allow", self.steps[-1].label)
-
-    async def _any_allow(
-        self, request: CheckContext, running: list[CompiledStep], guard: Deadline
-    ) -> Outcome:
-        first_denial: Outcome | None = None
-        for step in self.steps:
-            decision = await self._run(step, request, running, guard)
-            if decision is None:
-                continue
-            if decision.allowed:
-                return Outcome(decision, "allow", step.label)
-            if first_denial is None:
-                first_denial = Outcome(decision, "deny", step.label)
-        return first_denial or Outcome(self.default_decision, "deny")
-
-    async def _run(
-        self,
-        step: CompiledStep,
-        request: CheckContext,
-        running: list[CompiledStep],
-        guard: Deadline,
-    ) -> Decision | None:
-        running.append(step)
-        started = time.perf_counter()
-        try:
-            decision = await run_guarded(step.authorizer.check(request), guard)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # isolating a plugin's failure is the point here
-            step.raised.inc()
-            log.warning(
-                "policy %s: step %s (%s) raised %r [request_id=%s]",
-                self.name, step.label, step.kind, exc, request.request_id,
-                exc_info=log.isEnabledFor(logging.DEBUG),
-            )
-            raise StepFailed(step, f"raised {type(exc).__name__}") from exc
-        finally:
-            step.duration.observe(time.perf_counter() - started)
-        if decision is not None and not isinstance(decision, Decision):
-            step.invalid.inc()
-            raise StepFailed(step, f"returned {type(decision).__name__}, not a Decision")
-        return decision
 
     def internal_error(self, request: CheckContext) -> Outcome:
         """The ``on_error`` answer for a failure outside any step."""

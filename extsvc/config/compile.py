@@ -202,12 +202,14 @@ async def compile_extproc(
                     kind=step.plugin,
                     processor=processor,
                     phases=phases,
-                    duration=metrics.extproc_processor_duration.labels(policy_name, step.label),
-                    raised=metrics.extproc_processor_errors.labels(
-                        policy_name, step.label, "exception"
+                    duration=metrics.hot(
+                        metrics.extproc_processor_duration.labels(policy_name, step.label)
                     ),
-                    overran=metrics.extproc_processor_errors.labels(
-                        policy_name, step.label, "timeout"
+                    raised=metrics.hot(
+                        metrics.extproc_processor_errors.labels(policy_name, step.label, "exception")
+                    ),
+                    overran=metrics.hot(
+                        metrics.extproc_processor_errors.labels(policy_name, step.label, "timeout")
                     ),
                 )
             )
@@ -284,10 +286,12 @@ async def _compile_policy(
                 label=step.label,
                 kind=step.plugin,
                 authorizer=authorizer,
-                duration=metrics.step_duration.labels(policy_name, step.plugin),
-                raised=metrics.step_errors.labels(policy_name, step.plugin, "exception"),
-                overran=metrics.step_errors.labels(policy_name, step.plugin, "timeout"),
-                invalid=metrics.step_errors.labels(policy_name, step.plugin, "bad-result"),
+                duration=metrics.hot(metrics.step_duration.labels(policy_name, step.plugin)),
+                raised=metrics.hot(metrics.step_errors.labels(policy_name, step.plugin, "exception")),
+                overran=metrics.hot(metrics.step_errors.labels(policy_name, step.plugin, "timeout")),
+                invalid=metrics.hot(
+                    metrics.step_errors.labels(policy_name, step.plugin, "bad-result")
+                ),
             )
         )
     return CompiledPolicy(
@@ -299,7 +303,7 @@ async def _compile_policy(
         error_decision=_reply_decision(policy.error_reply),
         timeout_s=policy.timeout_ms / 1000 if policy.timeout_ms else None,
         counters={
-            label: metrics.authz_decisions.labels(policy_name, label)
+            label: metrics.hot(metrics.authz_decisions.labels(policy_name, label))
             for label in ("allow", "deny", "error")
         },
         identity_headers=frozenset(identity_headers),

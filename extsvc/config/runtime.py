@@ -36,6 +36,14 @@ class Runtime:
     retired: bool = False
     closed: bool = False
     _closing: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: whether the call's authority can pick a policy other than the default (see select())
+    authority_matters: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        default = self.config.default_policy
+        self.authority_matters = any(name != default for name in self.policies) or any(
+            name != default for name in self.config.authority_policies.values()
+        )
 
     def select(
         self, context_extensions: Mapping[str, str], authority: str | Callable[[], str]

@@ -32,7 +32,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         self._metrics = metrics
         #: per-request failure warnings, once per cause and interval (the metrics count all)
         self._throttle = LogThrottle()
-        self._not_ready = metrics.extproc_streams.labels("", "not-ready")
+        self._not_ready = metrics.hot(metrics.extproc_streams.labels("", "not-ready"))
         self._active = metrics.extproc_active_streams
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
 
@@ -109,10 +109,10 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         name = policy[:64]
         m = self._metrics
         children = (
-            m.extproc_streams.labels(name, outcome),
-            m.extproc_messages.labels(name, "received"),
-            m.extproc_messages.labels(name, "sent"),
-            m.extproc_mode_overrides.labels(name),
+            m.hot(m.extproc_streams.labels(name, outcome)),
+            m.hot(m.extproc_messages.labels(name, "received")),
+            m.hot(m.extproc_messages.labels(name, "sent")),
+            m.hot(m.extproc_mode_overrides.labels(name)),
         )
         if len(self._children) < 1024:  # policy names come from config, but bound the cache
             self._children[(policy, outcome)] = children

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter, Histogram
-
-    from extsvc.observability.metrics import Metrics
+    from extsvc.observability.metrics import HotCounter, HotHistogram, Metrics
 
 
 class PluginMetrics:
@@ -20,18 +18,21 @@ class PluginMetrics:
 
     ``ctx.metrics.counter("cache_hits", "Tokens served from the cache")`` returns the child of
     ``extsvc_plugin_cache_hits_total{plugin=...,policy=...}``. Call it at construction time, not
-    per request.
+    per request. The children are the request-path kind (``inc()`` / ``observe()`` only; the
+    counts reach ``/metrics`` at every scrape).
     """
 
     def __init__(self, metrics: Metrics, plugin: str, policy: str) -> None:
         self._metrics = metrics
         self._labels = (plugin, policy)
 
-    def counter(self, name: str, documentation: str) -> Counter:
-        return self._metrics.plugin_counter(name, documentation).labels(*self._labels)
+    def counter(self, name: str, documentation: str) -> HotCounter:
+        metrics = self._metrics
+        return metrics.hot(metrics.plugin_counter(name, documentation).labels(*self._labels))  # type: ignore[no-any-return]
 
-    def histogram(self, name: str, documentation: str) -> Histogram:
-        return self._metrics.plugin_histogram(name, documentation).labels(*self._labels)
+    def histogram(self, name: str, documentation: str) -> HotHistogram:
+        metrics = self._metrics
+        return metrics.hot(metrics.plugin_histogram(name, documentation).labels(*self._labels))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,12 +98,13 @@ class _Stats:
     __slots__ = ("hits", "local_cache", "near", "over", "shadow", "within")
 
     def __init__(self, metrics: Any, domain: str, label: str) -> None:
-        self.hits = metrics.rl_hits.labels(domain, label)
-        self.over = metrics.rl_over_limit.labels(domain, label)
-        self.near = metrics.rl_near_limit.labels(domain, label)
-        self.within = metrics.rl_within_limit.labels(domain, label)
-        self.shadow = metrics.rl_shadow_mode.labels(domain, label)
-        self.local_cache = metrics.rl_over_limit_local_cache.labels(domain, label)
+        hot = metrics.hot
+        self.hits = hot(metrics.rl_hits.labels(domain, label))
+        self.over = hot(metrics.rl_over_limit.labels(domain, label))
+        self.near = hot(metrics.rl_near_limit.labels(domain, label))
+        self.within = hot(metrics.rl_within_limit.labels(domain, label))
+        self.shadow = hot(metrics.rl_shadow_mode.labels(domain, label))
+        self.local_cache = hot(metrics.rl_over_limit_local_cache.labels(domain, label))
 
 
 class _Plan:
@@ -155,7 +156,8 @@ class Limiter:
         self._stats: dict[tuple[str, str], _Stats] = {}
         self._plans: dict[str, dict[tuple[tuple[str, str], ...], _Plan]] = {}
         self._store_errors = {
-            mode: metrics.rl_store_errors.labels(store.kind, mode) for mode in ("allow", "deny")
+            mode: metrics.hot(metrics.rl_store_errors.labels(store.kind, mode))
+            for mode in ("allow", "deny")
         }
         self._unknown = metrics.rl_unknown_domain
         over = section.over_limit

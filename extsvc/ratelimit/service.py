@@ -35,9 +35,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._manager = manager
         self._margin = deadline_margin_s
         self._default_timeout = default_timeout_s
-        self._ok = metrics.rl_responses.labels("ok")
-        self._over = metrics.rl_responses.labels("over_limit")
-        self._error = metrics.rl_responses.labels("error")
+        self._ok = metrics.hot(metrics.rl_responses.labels("ok"))
+        self._over = metrics.hot(metrics.rl_responses.labels("over_limit"))
+        self._error = metrics.hot(metrics.rl_responses.labels("error"))
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
         limiter = self._manager.limiter

@@ -177,9 +177,17 @@ def test_two_workers_share_the_port_all_answer_and_all_exit_0_on_sigterm(
     }
     assert answered == workers
 
-    # Either worker's /metrics counts the decisions of both.
-    metrics = parse_metrics(proc.admin("/metrics").text)
-    assert metrics[series("extsvc_authz_decisions_total", policy="p", decision="allow")] == sent
+    # Either worker's /metrics counts the decisions of both: its own at once, the other's once
+    # that worker flushed its request-path counters (Metrics.FLUSH_INTERVAL_S, 1 s).
+    allowed = series("extsvc_authz_decisions_total", policy="p", decision="allow")
+    counted = 0.0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        counted = parse_metrics(proc.admin("/metrics").text).get(allowed, 0.0)
+        if counted >= sent:
+            break
+        time.sleep(0.2)
+    assert counted == sent
 
     os.kill(proc.popen.pid, signal.SIGTERM)
     assert proc.popen.wait(15) == 0

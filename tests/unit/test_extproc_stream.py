@@ -405,7 +405,10 @@ extproc:
     assert set_headers(common(answer).header_mutation) == [("x-first", b"1", False), ("x-third", b"1", False)]
     assert list(common(answer).header_mutation.remove_headers) == []
     assert plugin.calls[2][2]["x-first"] == "1"  # the third saw the state without the broken one
-    assert metrics.extproc_processor_errors.labels("p", "broken", "exception")._value.get() == 1
+    assert metrics.registry.get_sample_value(
+        "extsvc_extproc_processor_errors_total",
+        {"policy": "p", "processor": "broken", "reason": "exception"},
+    ) == 1
 
 
 async def test_an_overrunning_processor_is_answered_per_on_error(plugin: ScriptPlugin) -> None:

@@ -92,3 +92,26 @@ async def test_without_default_an_unknown_authority_selects_nothing(
     assert runtime.select({}, "") == ("", None)
     assert runtime.select({}, "only:9001")[0] == "only"
 
+
+
+@pytest.mark.parametrize(
+    ("config", "matters"),
+    [
+        (CONFIG, True),
+        ("default_policy: only\npolicies: {only: {steps: [{plugin: allow}]}}", False),
+        ("default_policy: only\nauthority_policies: {a.example: only}\n"
+         "policies: {only: {steps: [{plugin: allow}]}}", False),
+        ("policies: {only: {steps: [{plugin: allow}]}}", True),  # no default: only:9001 -> only
+        ("default_policy: a\npolicies: {a: {steps: [{plugin: allow}]}, "
+         "b: {steps: [{plugin: allow}]}}", True),
+    ],
+)
+async def test_authority_matters_only_when_it_can_pick_another_policy(
+    compile_yaml: CompileYaml, config: str, matters: bool
+) -> None:
+    """The service skips reading the call's metadata when no authority could change the answer."""
+    runtime = await compile_yaml(config)
+    assert runtime.authority_matters is matters
+    if not matters:  # then every authority selects exactly what no authority selects
+        for authority in ("", "only", "only:9001", "a.example", "other"):
+            assert runtime.select({}, authority) == runtime.select({}, "")
