@@ -12,12 +12,14 @@ from extsvc.authz.model import (
     ResponseHeader,
     ResponseHeaderAction,
 )
-from extsvc.errors import ConfigError, ExtsvcError, PluginError
+from extsvc.errors import ConfigError, ExtsvcError, PluginError, StoreError
 from extsvc.extproc.model import BodyMode, Exchange, HttpMessage, Phase, Processor
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.markers import hookimpl, hookspec
 from extsvc.plugin.protocols import Authorizer, Closable, IdentitySource, Startable
-from extsvc.plugin.records import AuthorizerType, ProcessorType
+from extsvc.plugin.records import AuthorizerType, LimitStoreType, ProcessorType
+from extsvc.ratelimit.algorithms import Op
+from extsvc.ratelimit.store import LimitStore
 from extsvc.types import HeaderName, HeaderValue, Regex
 
 __version__ = "0.1.0"
@@ -36,6 +38,9 @@ __all__ = [
     "HeaderValue",
     "HttpMessage",
     "IdentitySource",
+    "LimitStore",
+    "LimitStoreType",
+    "Op",
     "Peer",
     "Phase",
     "PluginContext",
@@ -47,6 +52,7 @@ __all__ = [
     "ResponseHeader",
     "ResponseHeaderAction",
     "Startable",
+    "StoreError",
     "__version__",
     "hookimpl",
     "hookspec",

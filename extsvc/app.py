@@ -70,7 +70,9 @@ class ExtsvcServer:
         self.metrics = metrics or Metrics()
         self.holder = RuntimeHolder()
         self.health = HealthState((AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE))
-        self.ratelimit = RateLimitManager(self.metrics, reload_interval_s=settings.reload_interval_s)
+        self.ratelimit = RateLimitManager(
+            self.metrics, reload_interval_s=settings.reload_interval_s, host=self.host
+        )
         self.loader = ConfigLoader(
             self.holder, self.host, self.metrics, on_first_load=self.health.mark_ready,
             on_load=self._config_loaded,

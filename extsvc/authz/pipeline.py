@@ -168,13 +168,22 @@ class CompiledPolicy:
         ``headers`` and ``headers_to_remove`` does not matter.
         """
         decision = outcome.decision
-        own = {name for name, _ in decision.upstream_set}
-        stale = [h for h in self.identity_headers if h not in own and h not in decision.upstream_remove]
-        if not stale:
+        cached = decision._scrubbed
+        if cached is not None and cached[0] is self.identity_headers:
+            scrubbed = cached[1]
+        else:
+            own = {name for name, _ in decision.upstream_set}
+            stale = tuple(
+                h for h in self.identity_headers if h not in own and h not in decision.upstream_remove
+            )
+            scrubbed = (
+                replace(decision, upstream_remove=decision.upstream_remove + stale) if stale
+                else decision
+            )
+            object.__setattr__(decision, "_scrubbed", (self.identity_headers, scrubbed))
+        if scrubbed is decision:
             return outcome
-        return replace(outcome, decision=replace(
-            decision, upstream_remove=decision.upstream_remove + tuple(stale)
-        ))
+        return Outcome(scrubbed, outcome.label, outcome.step, outcome.envoy_error)
 
     def internal_error(self, request: CheckContext) -> Outcome:
         """The ``on_error`` answer for a failure outside any step."""

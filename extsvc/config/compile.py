@@ -22,6 +22,7 @@ from extsvc.observability.metrics import Metrics
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.host import PluginHost
 from extsvc.plugin.protocols import Authorizer, IdentitySource, Startable
+from extsvc.ratelimit.config import StoreType
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,15 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
 
 
 def check_plugins(config: ExtsvcConfig, host: PluginHost) -> dict[tuple[str, int], BaseModel]:
-    """Validate every step's (and ext_proc processor's) kind and config; all problems at once.
+    """Validate every step's (and ext_proc processor's, and a plugin limit store's) kind and
+    config; all problems at once.
 
     Returns the validated ext_authz step configs by ``(policy, index)``.
     """
     problems: list[str] = []
     validated = _check_steps(config, host, problems)
     _check_processors(config, host, problems)
+    _check_limit_store(config, host, problems)
     if problems:
         raise ConfigError(problems)
     return validated
@@ -100,6 +103,27 @@ def _check_processors(
             except ValidationError as exc:
                 problems.extend(format_validation_error(exc, f"{where}.config"))
     return validated
+
+
+def _check_limit_store(config: ExtsvcConfig, host: PluginHost, problems: list[str]) -> None:
+    """``ratelimit.store`` with ``type: plugin``: a known store, a config its model accepts.
+
+    Checked here, with the rest of the config, so a mistake rejects the whole config (the last
+    good one keeps serving); the rate-limit manager builds the store once the config serves.
+    """
+    store = config.ratelimit.store if config.ratelimit is not None else None
+    if store is None or store.type is not StoreType.PLUGIN:
+        return
+    where = "ratelimit.store"
+    kind = host.limit_stores.get(store.plugin or "")
+    if kind is None:
+        known = ", ".join(sorted(host.limit_stores)) or "none"
+        problems.append(f"{where}.plugin: unknown limit store {store.plugin!r} (known: {known})")
+        return
+    try:
+        kind.config_model.model_validate(store.config)
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, f"{where}.config"))
 
 
 def _check_steps(

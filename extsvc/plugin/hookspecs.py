@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from extsvc.plugin.markers import hookspec
 
 if TYPE_CHECKING:
-    from extsvc.plugin.records import AuthorizerType, ProcessorType
+    from extsvc.plugin.records import AuthorizerType, LimitStoreType, ProcessorType
     from extsvc.settings import Settings
 
 
@@ -58,6 +58,41 @@ class ExtsvcSpecs:
             def extsvc_register_processors():
                 yield ProcessorType(name="stamp", config_model=StampConfig, factory=Stamp,
                                     description="mark requests that passed extsvc")
+        """
+        raise NotImplementedError
+
+    @hookspec
+    def extsvc_register_limit_stores(self) -> Iterable[LimitStoreType[Any]]:
+        """Return the rate-limit counter stores this plugin provides.
+
+        Called once at start-up; the results of all plugins are collected. Store names must be
+        unique among limit stores and must not be a built-in store type (``memory``, ``redis``,
+        ``redis-cluster``, ``plugin``). A config selects one with
+        ``ratelimit.store: {type: plugin, plugin: <name>, config: {...}}``; the factory is
+        called when that config loads, and the rate-limit service then awaits the store's
+        ``apply(ops)`` directly for every request (never through pluggy).
+
+        Example::
+
+            class MemcachedConfig(BaseModel, frozen=True, extra="forbid"):
+                servers: list[str]
+
+            class MemcachedStore:
+                kind = "memcached"
+
+                def __init__(self, config: MemcachedConfig, ctx: PluginContext) -> None:
+                    self._client = Client(config.servers)   # connects lazily
+
+                async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+                    ...   # one (x, y) per op; raise StoreError when the servers fail
+
+                async def aclose(self) -> None:
+                    await self._client.close()
+
+            @hookimpl
+            def extsvc_register_limit_stores():
+                yield LimitStoreType(name="memcached", config_model=MemcachedConfig,
+                                     factory=MemcachedStore, description="counters in memcached")
         """
         raise NotImplementedError
 

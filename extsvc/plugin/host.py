@@ -2,8 +2,8 @@
 
 It registers the built-in plugins from a fixed list and third-party plugins from the ``extsvc``
 entry-point group (honouring the allow and block lists), checks every hook implementation at
-start-up, and collects the step kinds into a plain registry that config compilation uses. The
-request path never sees the PluginManager.
+start-up, and collects the step kinds and rate-limit stores into a plain registry that config
+compilation (and the rate-limit manager) uses. The request path never sees the PluginManager.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import pluggy
 from extsvc.errors import PluginError
 from extsvc.plugin.hookspecs import ExtsvcSpecs
 from extsvc.plugin.markers import ENTRY_POINT_GROUP, PROJECT
-from extsvc.plugin.records import AuthorizerType, LoadedPlugin, ProcessorType
+from extsvc.plugin.records import AuthorizerType, LimitStoreType, LoadedPlugin, ProcessorType
+from extsvc.ratelimit.config import StoreType
 
 if TYPE_CHECKING:
     from extsvc.settings import Settings
@@ -47,7 +48,13 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
 )
 
 #: Hooks whose implementations must be plain functions (their results are collected).
-_SYNC_HOOKS = frozenset({"extsvc_register_authorizers", "extsvc_register_processors"})
+_SYNC_HOOKS = frozenset(
+    {"extsvc_register_authorizers", "extsvc_register_processors", "extsvc_register_limit_stores"}
+)
+
+#: What ``ratelimit.store.type`` spells itself: a plugin store taking one of these names would
+#: make a config read two ways (and ``plugin`` is how a config selects a plugin store).
+BUILTIN_STORE_NAMES = frozenset(t.value for t in StoreType)
 
 
 class PluginHost:
@@ -60,6 +67,8 @@ class PluginHost:
         self._kind_owner: dict[str, str] = {}
         self.processors: dict[str, ProcessorType[Any]] = {}
         self._processor_owner: dict[str, str] = {}
+        self.limit_stores: dict[str, LimitStoreType[Any]] = {}
+        self._limit_store_owner: dict[str, str] = {}
 
     @classmethod
     def create(
@@ -77,7 +86,7 @@ class PluginHost:
         :param block: plugin names (built-in or entry point) that never load.
         :param extra_plugins: ``(name, module_or_object)`` registered directly (tests, embedding).
         :raises PluginError: import failure, misspelled hook, async impl of a sync hook,
-            duplicate kind name.
+            duplicate kind name, a limit store named like a built-in store type.
         """
         pm = pluggy.PluginManager(PROJECT)
         pm.add_hookspecs(ExtsvcSpecs)
@@ -129,8 +138,7 @@ class PluginHost:
             raise PluginError(f"implements an unknown hook: {exc}", plugin=plugin_name) from exc
 
         host = cls(pm, loaded)
-        host._collect_authorizers()
-        host._collect_processors()
+        host._collect_kinds()
         return host
 
     @staticmethod
@@ -156,60 +164,66 @@ class PluginHost:
                         plugin=name,
                     )
 
-    def _collect_authorizers(self) -> None:
-        hook = self._pm.hook.extsvc_register_authorizers
-        kinds_by_plugin: dict[str, list[str]] = {}
-        for impl in hook.get_hookimpls():  # registration order
-            result: Iterable[object] = impl.function() or ()  # type: ignore[assignment]
-            for record in result:
-                if not isinstance(record, AuthorizerType):
-                    raise PluginError(
-                        f"extsvc_register_authorizers returned {type(record).__name__}, "
-                        "expected AuthorizerType",
-                        plugin=impl.plugin_name,
-                    )
-                owner = self._kind_owner.get(record.name)
-                if owner is not None:
-                    raise PluginError(
-                        f"authorizer kind {record.name!r} is already provided by plugin {owner!r}",
-                        plugin=impl.plugin_name,
-                    )
-                self.authorizers[record.name] = record
-                self._kind_owner[record.name] = impl.plugin_name
-                kinds_by_plugin.setdefault(impl.plugin_name, []).append(record.name)
-        self._loaded = [
-            LoadedPlugin(p.name, p.source, p.location, tuple(kinds_by_plugin.get(p.name, ())))
-            for p in self._loaded
-        ]
+    def _collect(
+        self, hook_name: str, record_type: type[Any], what: str, reserved: frozenset[str] = frozenset()
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The records one registration hook returns, by name, and the plugin owning each name.
 
-    def _collect_processors(self) -> None:
-        hook = self._pm.hook.extsvc_register_processors
-        kinds_by_plugin: dict[str, list[str]] = {}
-        for impl in hook.get_hookimpls():  # registration order
-            result: Iterable[object] = impl.function() or ()  # type: ignore[assignment]
+        :param what: how errors call the kind ("authorizer kind", "limit store").
+        :param reserved: names a plugin may not take (the built-in store types).
+        :raises PluginError: a record of another type, a reserved or an already provided name.
+        """
+        records: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for impl in getattr(self._pm.hook, hook_name).get_hookimpls():  # registration order
+            result: Iterable[object] = impl.function() or ()
             for record in result:
-                if not isinstance(record, ProcessorType):
+                if not isinstance(record, record_type):
                     raise PluginError(
-                        f"extsvc_register_processors returned {type(record).__name__}, "
-                        "expected ProcessorType",
+                        f"{hook_name} returned {type(record).__name__}, "
+                        f"expected {record_type.__name__}",
                         plugin=impl.plugin_name,
                     )
-                owner = self._processor_owner.get(record.name)
+                if record.name in reserved:
+                    raise PluginError(
+                        f"{what} {record.name!r} clashes with a built-in store type "
+                        f"(reserved: {', '.join(sorted(reserved))})",
+                        plugin=impl.plugin_name,
+                    )
+                owner = owners.get(record.name)
                 if owner is not None:
                     raise PluginError(
-                        f"processor kind {record.name!r} is already provided by plugin {owner!r}",
+                        f"{what} {record.name!r} is already provided by plugin {owner!r}",
                         plugin=impl.plugin_name,
                     )
-                self.processors[record.name] = record
-                self._processor_owner[record.name] = impl.plugin_name
-                kinds_by_plugin.setdefault(impl.plugin_name, []).append(record.name)
+                records[record.name] = record
+                owners[record.name] = impl.plugin_name
+        return records, owners
+
+    def _collect_kinds(self) -> None:
+        self.authorizers, self._kind_owner = self._collect(
+            "extsvc_register_authorizers", AuthorizerType, "authorizer kind"
+        )
+        self.processors, self._processor_owner = self._collect(
+            "extsvc_register_processors", ProcessorType, "processor kind"
+        )
+        self.limit_stores, self._limit_store_owner = self._collect(
+            "extsvc_register_limit_stores", LimitStoreType, "limit store", BUILTIN_STORE_NAMES
+        )
+        owners = (self._kind_owner, self._processor_owner, self._limit_store_owner)
         self._loaded = [
-            LoadedPlugin(p.name, p.source, p.location, p.kinds + tuple(kinds_by_plugin.get(p.name, ())))
+            LoadedPlugin(
+                p.name, p.source, p.location,
+                tuple(name for owner in owners for name, by in owner.items() if by == p.name),
+            )
             for p in self._loaded
         ]
 
     def processor_owner(self, kind: str) -> str | None:
         return self._processor_owner.get(kind)
+
+    def limit_store_owner(self, name: str) -> str | None:
+        return self._limit_store_owner.get(name)
 
     @property
     def plugins(self) -> list[LoadedPlugin]:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from extsvc.extproc.model import Processor
     from extsvc.plugin.context import PluginContext
     from extsvc.plugin.protocols import Authorizer
+    from extsvc.ratelimit.store import LimitStore
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -50,6 +51,27 @@ class ProcessorType(Generic[ConfigT]):
     name: str
     config_model: type[ConfigT]
     factory: Callable[[ConfigT, PluginContext], Processor]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStoreType(Generic[ConfigT]):
+    """A rate-limit counter store a plugin provides (memcached, a database, ...).
+
+    :param name: what the ``ratelimit.store.plugin`` field names (kebab-case, unique among limit
+        stores, and not one of the built-in store types ``memory``, ``redis``, ``redis-cluster``).
+        Metrics and logs label the store with it.
+    :param config_model: the pydantic model the ``ratelimit.store.config`` block is validated
+        against at load time (``frozen=True, extra="forbid"``).
+    :param factory: ``factory(config, ctx)`` returns a :class:`extsvc.ratelimit.store.LimitStore`.
+        Called once each time the store settings change (not per request); the object then
+        serves every request until it is replaced, when its ``aclose()`` is awaited.
+    :param description: one line for ``extsvc plugins list``.
+    """
+
+    name: str
+    config_model: type[ConfigT]
+    factory: Callable[[ConfigT, PluginContext], LimitStore]
     description: str = ""
 
 

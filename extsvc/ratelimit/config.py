@@ -54,13 +54,29 @@ class StoreType(StrEnum):
     MEMORY = "memory"
     REDIS = "redis"
     REDIS_CLUSTER = "redis-cluster"
+    PLUGIN = "plugin"  # the store named by ``plugin``, registered by a plugin
+
+
+#: Settings of the Redis stores: with ``type: plugin`` they belong in the plugin's ``config``.
+_REDIS_ONLY = ("url", "urls", "password_file", "pool", "timeout_ms")
 
 
 class StoreSettings(_Model):
     """Where counters live. ``memory`` is per process: with ``--workers N`` each worker (and each
-    replica) counts alone, so the effective limit is N times the configured one."""
+    replica) counts alone, so the effective limit is N times the configured one.
+
+    ``type: plugin`` uses the store a plugin registered under the name ``plugin``
+    (``extsvc_register_limit_stores``); ``config`` is validated against that store's own model
+    when the config is compiled (:mod:`extsvc.config.compile`), like a policy step's.
+    """
 
     type: StoreType = StoreType.MEMORY
+    plugin: str | None = Field(
+        None, min_length=1, description="type plugin: the name a plugin registered the store under"
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="type plugin: the store's settings (its own model)"
+    )
     url: str | None = Field(None, description="redis://host:port/db (redis) or one seed node (cluster)")
     urls: list[str] = Field(default_factory=list, description="Redis Cluster seed nodes")
     password_file: Path | None = Field(None, description="file holding the Redis password")
@@ -75,6 +91,17 @@ class StoreSettings(_Model):
 
     @model_validator(mode="after")
     def _needs_address(self) -> StoreSettings:
+        if self.type is StoreType.PLUGIN:
+            if self.plugin is None:
+                raise ValueError("store type plugin needs plugin (the store's registered name)")
+            misplaced = [name for name in _REDIS_ONLY if name in self.model_fields_set]
+            if misplaced:
+                raise ValueError(
+                    f"{', '.join(misplaced)}: Redis settings; a plugin store's settings go in config"
+                )
+            return self
+        if self.plugin is not None or self.config:
+            raise ValueError(f"plugin and config are for type plugin, not {self.type.value}")
         if self.type is not StoreType.MEMORY and not (self.url or self.urls):
             raise ValueError(f"store type {self.type.value} needs url or urls")
         if self.type is StoreType.REDIS and self.urls:

@@ -4,7 +4,14 @@ The extsvc config's ``ratelimit:`` section is applied on every good load of that
 files it names are polled (like the config file) and reloaded one by one. A file that breaks keeps
 its last good version serving, a duplicate domain is rejected naming both files, and the other
 domains are never affected. The store (and so the counters) is kept as long as its settings do not
-change; a replaced store is closed after the requests that use it had time to finish.
+change; a replaced store is closed after the requests that use it had time to finish, and every
+store still open is closed at shutdown.
+
+A store a plugin provides (``type: plugin``) is built here, by its factory, after the config that
+names it was validated and swapped in. If the factory (or the store's ``start()``) fails, the rate
+limits keep serving with the previous store and settings (none on the first load: the service
+answers UNAVAILABLE), the failure is logged, counted as a config reload error and listed in
+:attr:`RateLimitManager.problems`, and the build is retried at every domain-file poll.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from extsvc.errors import ConfigError
 from extsvc.ratelimit.config import (
     Domain,
     DomainFileError,
@@ -34,6 +42,10 @@ from extsvc.ratelimit.config import (
 from extsvc.ratelimit.limiter import Limiter
 from extsvc.ratelimit.store import LimitStore
 from extsvc.ratelimit.store.memory import MemoryStore
+from extsvc.ratelimit.store.plugin import build_plugin_store
+
+if TYPE_CHECKING:
+    from extsvc.plugin.host import PluginHost
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,9 @@ _RETIRE_AFTER_S = 5.0
 
 
 def build_store(settings: StoreSettings, clock: Callable[[], float] = time.time) -> LimitStore:
+    """A built-in store (``type: plugin`` needs the plugin host: :class:`RateLimitManager`)."""
+    if settings.type is StoreType.PLUGIN:
+        raise ConfigError("ratelimit.store: a plugin store is built by RateLimitManager")
     if settings.type is StoreType.MEMORY:
         return MemoryStore(clock)
     from extsvc.ratelimit.store.redis import build_redis_store  # only needs redis when used
@@ -74,15 +89,19 @@ def load_domains(section: RateLimitSection, base_dir: Path) -> tuple[DomainSet, 
 
 
 class RateLimitManager:
+    """:param host: provides the ``type: plugin`` stores (without one, none can be selected)."""
+
     def __init__(
         self,
         metrics: Any,
         *,
         reload_interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
+        host: PluginHost | None = None,
     ) -> None:
         self.limiter: Limiter | None = None
         self._metrics = metrics
+        self._host = host
         self._interval = reload_interval_s
         self._clock = clock
         self._section: RateLimitSection | None = None
@@ -92,6 +111,10 @@ class RateLimitManager:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()  # set at shutdown: retired stores close at once
+        #: a section whose store could not be built, retried at every poll, and why it failed
+        self._pending: tuple[RateLimitSection, Path] | None = None
+        self._store_problems: list[str] = []
 
     @property
     def domains(self) -> list[str]:
@@ -99,8 +122,10 @@ class RateLimitManager:
 
     @property
     def problems(self) -> list[str]:
-        """What is wrong with the domain files now (their last good versions keep serving)."""
-        out = [p for f in self._files.values() for p in f.problems]
+        """What is wrong now: a store that could not be built, domain files that do not load (the
+        previous store and the files' last good versions keep serving)."""
+        out = list(self._store_problems)
+        out.extend(p for f in self._files.values() for p in f.problems)
         if self.limiter is not None:
             out.extend(self.limiter.domains.problems)
         return out
@@ -108,29 +133,65 @@ class RateLimitManager:
     async def apply(self, section: RateLimitSection | None, base_dir: Path) -> None:
         """Use a new ``ratelimit:`` section (None: the service answers UNAVAILABLE)."""
         async with self._lock:
-            if section is None:
-                self.limiter = None
-                self._section = None
-                self._files.clear()
-                self._retire(self._store)
-                self._store = None
-                return
-            if self._store is None or self._section is None or section.store != self._section.store:
-                self._retire(self._store)
-                self._store = build_store(section.store, self._clock)
-                log.info("rate-limit store: %s", self._store.kind)
-            if self._section is not None and self._base_dir != base_dir:
-                self._files.clear()
-            self._section, self._base_dir = section, base_dir
-            self.limiter = None  # rebuilt below with the new settings
-            await self._reload(force=True)
+            self._pending = None
+            await self._apply(section, base_dir)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="ratelimit-watch")
 
+    async def _apply(self, section: RateLimitSection | None, base_dir: Path) -> bool:
+        """Whether ``section`` serves now (False: its store could not be built, see _pending)."""
+        if section is None:
+            self.limiter = None
+            self._section = None
+            self._files.clear()
+            self._store_problems = []
+            self._retire(self._store)
+            self._store = None
+            return True
+        if self._store is None or self._section is None or section.store != self._section.store:
+            try:
+                store = await self._build_store(section.store, base_dir)
+            except ConfigError as exc:
+                self._store_failed(section, base_dir, exc)
+                return False
+            self._retire(self._store)
+            self._store = store
+            log.info("rate-limit store: %s", store.kind)
+        self._store_problems = []
+        if self._section is not None and self._base_dir != base_dir:
+            self._files.clear()
+        self._section, self._base_dir = section, base_dir
+        self.limiter = None  # rebuilt below with the new settings
+        await self._reload(force=True)
+        return True
+
+    async def _build_store(self, settings: StoreSettings, base_dir: Path) -> LimitStore:
+        if settings.type is StoreType.PLUGIN:
+            return await build_plugin_store(settings, self._host, self._metrics, base_dir)
+        try:
+            return build_store(settings, self._clock)
+        except OSError as exc:  # the Redis password_file
+            raise ConfigError(f"ratelimit.store: {exc}") from exc
+
+    def _store_failed(self, section: RateLimitSection, base_dir: Path, exc: ConfigError) -> None:
+        retry = self._pending is not None
+        self._pending = (section, base_dir)
+        if retry and exc.problems == self._store_problems:
+            return  # the same failure at every poll: reported once
+        self._store_problems = exc.problems
+        self._metrics.config_reloads.labels("error").inc()
+        kept = "the previous store and settings keep serving" if self.limiter is not None \
+            else "no rate limits serve until it builds"
+        log.error("rate-limit store not built (%s; retried at every poll):\n  %s",
+                  kept, "\n  ".join(exc.problems))
+
     async def reload_now(self) -> bool:
-        """Check the domain files now; whether anything changed."""
+        """Check the domain files now (and retry a store that failed to build); whether anything
+        changed."""
         async with self._lock:
-            return await self._reload(force=False)
+            if self._pending is not None and await self._apply(*self._pending):
+                return True
+            return await self._reload(force=False)  # the serving section's files, meanwhile
 
     async def _reload(self, *, force: bool) -> bool:
         section, store = self._section, self._store
@@ -191,8 +252,10 @@ class RateLimitManager:
             return
 
         async def close_later() -> None:
-            await asyncio.sleep(_RETIRE_AFTER_S)  # let requests that picked it up finish
-            await store.aclose()
+            with contextlib.suppress(TimeoutError):
+                # let requests that picked it up finish; at shutdown they already have
+                await asyncio.wait_for(self._closing.wait(), _RETIRE_AFTER_S)
+            await _close(store)
 
         task = asyncio.get_running_loop().create_task(close_later())
         self._retiring.add(task)
@@ -204,9 +267,17 @@ class RateLimitManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for task in list(self._retiring):
-            task.cancel()
+        self._closing.set()
+        await asyncio.gather(*self._retiring)
         self.limiter = None
+        self._pending = None
         if self._store is not None:
-            await self._store.aclose()
+            await _close(self._store)
             self._store = None
+
+
+async def _close(store: LimitStore) -> None:
+    try:
+        await store.aclose()
+    except Exception:  # a store failing to close (a plugin's, say) must not stop the shutdown
+        log.exception("closing the rate-limit store %s failed", store.kind)

@@ -93,3 +93,38 @@ async def test_plugin_test_example_in_docs_passes() -> None:
     namespace = load_module("docs_tenant_header_test", docs_example("tenant_header"))
     exec(compile(docs_example("tenant_header_test"), "<docs:test>", "exec"), namespace.__dict__)
     await namespace.test_unknown_tenant_is_denied()
+
+
+async def test_limit_store_example_in_docs_serves_the_docs_domains() -> None:
+    from extsvc.errors import ConfigError
+    from extsvc.ratelimit.limiter import DescriptorRequest
+    from extsvc.ratelimit.manager import RateLimitManager
+
+    plugin = load_module("docs_dict_store", docs_example("dict_store"))
+    host = PluginHost.create(load_entry_points=False, extra_plugins=[("docs-dict", plugin)])
+    [(where, text)] = blocks("yaml", "# a plugin store")
+    config = parse(text, source=where)
+    check_plugins(config, host)
+    assert config.ratelimit is not None
+    manager = RateLimitManager(Metrics(), host=host, clock=lambda: 1_700_000_000.0)
+    await manager.apply(config.ratelimit, ROOT / "docs")  # config_dir: ratelimit/ (docs/ratelimit)
+    limiter = manager.limiter
+    assert limiter is not None and limiter.store.kind == "dict"
+
+    async def overs(domain: str, key: str, times: int) -> list[bool]:
+        descriptor = DescriptorRequest(((key, "client-1"),))
+        return [(await limiter.should_rate_limit(domain, [descriptor])).over for _ in range(times)]
+
+    assert await overs("gateway", "remote_address", 51) == [False] * 50 + [True]  # fixed window
+    assert await overs("smooth", "client", 61) == [False] * 60 + [True]  # sliding window
+    assert await overs("smooth", "upload", 6) == [False] * 5 + [True]  # token bucket
+    values = limiter.store.store._values  # type: ignore[attr-defined]
+    assert values and all(key.startswith(("edge_", "{edge_")) for key in values)
+
+    bad = text.replace("max_keys: 50000", "max_keys: many")
+    with pytest.raises(ConfigError) as info:
+        check_plugins(parse(bad), host)
+    assert info.value.problems[0].startswith(
+        "ratelimit.store.config.max_keys: Input should be a valid integer"
+    )
+    await manager.aclose()

@@ -383,3 +383,28 @@ async def test_internal_error_follows_on_error(
     assert outcome.envoy_error is envoy_error
     if not allowed:
         assert outcome.decision.status == 503
+
+
+# -- identity scrubbing of reused decisions ---------------------------------------------------------
+
+
+def test_a_reused_decision_is_scrubbed_for_each_policy_by_its_own_identity_headers() -> None:
+    """Plugins return cached Decision objects; the scrub result is cached on them, per policy."""
+    from extsvc.authz.model import Decision
+    from extsvc.config.model import Combine, OnError
+
+    def policy(*identity: str) -> CompiledPolicy:
+        deny = Decision.deny(403)
+        return CompiledPolicy("p", (), Combine.ANY_ALLOW, OnError.DENY, deny, deny, None, {},
+                              frozenset(identity))
+
+    cached = Decision.allow(upstream_set={"x-user": "alice"})
+    jwt_or_key, jwt_only = policy("x-user", "x-client-id"), policy("x-user")
+    for _ in range(2):  # the second pass is served from the cache
+        first = jwt_or_key._scrub_identity(Outcome(cached, "allow", "jwt"))
+        assert first.decision.upstream_remove == ("x-client-id",)
+        assert dict(first.decision.upstream_set) == {"x-user": "alice"}
+        assert (first.label, first.step) == ("allow", "jwt")
+        second = jwt_only._scrub_identity(Outcome(cached, "allow", "jwt"))
+        assert second.decision is cached  # nothing to remove: the very same answer
+    assert cached.upstream_remove == ()  # the shared decision itself is never changed
