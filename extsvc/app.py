@@ -19,7 +19,6 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
@@ -41,6 +40,7 @@ from extsvc.plugin.host import PluginHost
 from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
 from extsvc.ratelimit.service import RateLimitService
+from extsvc.ratelimit.service import add_to_server as add_ratelimit_to_server
 from extsvc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class ExtsvcServer:
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(self.holder, self.metrics), services
         )
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(
+        add_ratelimit_to_server(
             RateLimitService(
                 self.ratelimit, self.metrics,
                 deadline_margin_s=s.deadline_margin_ms / 1000,

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from extsvc.deadline import within
 from extsvc.errors import StoreError
@@ -48,8 +48,9 @@ class DescriptorRequest:
     hits: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Status:
+class Status(NamedTuple):
+    """One descriptor's answer (a named tuple: several are built per request)."""
+
     over: bool
     limit: Limit | None = None  # set: Envoy gets current_limit (and the x-ratelimit headers)
     remaining: int = 0
@@ -116,13 +117,16 @@ class _Plan:
     ``hits`` are kept too, and rebuilt when the window moves on.
     """
 
-    __slots__ = ("base", "limit", "op", "path", "start", "stats")
+    __slots__ = ("base", "limit", "near", "op", "path", "start", "stats")
 
-    def __init__(self, limit: Limit | None, path: list[Node], stats: _Stats | None, base: str) -> None:
+    def __init__(
+        self, limit: Limit | None, path: list[Node], stats: _Stats | None, base: str, near: int
+    ) -> None:
         self.limit = limit
         self.path = path
         self.stats = stats
         self.base = base
+        self.near = near  # the highest count that is neither near nor over the limit
         self.start = -1  # the fixed window ``op`` was built for
         self.op: Op | None = None
 
@@ -152,9 +156,12 @@ class Limiter:
         self._prefix = section.store.key_prefix
         self._hash_tag = section.store.hash_tag
         self._near_ratio = section.near_limit_ratio
+        self._headers_enabled = section.response_headers.enabled
         self._local: dict[str, float] | None = {} if section.local_cache else None
         self._stats: dict[tuple[str, str], _Stats] = {}
         self._plans: dict[str, dict[tuple[tuple[str, str], ...], _Plan]] = {}
+        #: id(descriptor tuple) -> (that tuple, its domain, limits, plans): see should_rate_limit
+        self._resolved: dict[int, tuple[Any, ...]] = {}
         self._store_errors = {
             mode: metrics.hot(metrics.rl_store_errors.labels(store.kind, mode))
             for mode in ("allow", "deny")
@@ -191,28 +198,25 @@ class Limiter:
         now = self._clock()
         now_s = int(now)
 
-        # 1. Match every descriptor (cached per distinct entries: see _Plan).
-        plans = self._plans.get(domain_name)
-        if plans is None:
-            plans = self._plans[domain_name] = {}
+        # 1. Match every descriptor (cached per distinct entries: see _Plan), or take the
+        #    result for this very descriptor tuple (the service passes the same tuple for the
+        #    same request bytes, see convert.parse_request).
         count = len(descriptors)
-        limits: list[Limit | None] = [None] * count
-        chosen: list[_Plan | None] = [None] * count
-        replaced: frozenset[str] | None = None
-        for i, d in enumerate(descriptors):
-            if d.override is not None:
-                limit = self._override(d)
-            else:
-                plan = plans.get(d.entries)
-                if plan is None:
-                    plan = self._plan(plans, domain, d.entries)
-                chosen[i] = plan
-                limit = plan.limit
-            if limit is not None and limit.replaces:
-                replaced = limit.replaces if replaced is None else replaced | limit.replaces
-            limits[i] = limit
-        if replaced:
-            limits = [None if (lm is not None and lm.name in replaced) else lm for lm in limits]
+        memo = self._resolved.get(id(descriptors))
+        if memo is not None and memo[0] is descriptors and memo[1] is domain:
+            limits, chosen = memo[2], memo[3]
+            if memo[4]:
+                return await self._fixed_windows(descriptors, memo[5], default_hits, now, timeout_s)
+        else:
+            limits, chosen = self._resolve(domain, descriptors)
+            if type(descriptors) is tuple:  # immutable: safe to remember by identity
+                if len(self._resolved) >= PLAN_CACHE_MAX:
+                    self._resolved.clear()
+                simple = self._only_fixed_windows(domain_name, descriptors, limits, chosen)
+                # the tuple is kept with its result, so its id cannot be reused meanwhile
+                self._resolved[id(descriptors)] = (
+                    descriptors, domain, limits, chosen, simple, tuple(chosen)
+                )
 
         # 2. One store operation per limited descriptor.
         statuses: list[Status | None] = [None] * count
@@ -301,6 +305,109 @@ class Limiter:
 
     # --- pieces ---------------------------------------------------------------------------
 
+    def _only_fixed_windows(
+        self,
+        domain_name: str,
+        descriptors: Sequence[DescriptorRequest],
+        limits: list[Limit | None],
+        chosen: list[_Plan | None],
+    ) -> bool:
+        """Whether a request takes :meth:`_fixed_windows`: every descriptor has a plan with its
+        own fixed-window limit (no override, replaced, unlimited or quota limit) and the local
+        over-limit cache is off. Binds the plans' counters (the general path binds them lazily)."""
+        if self._local is not None:
+            return False
+        for d, limit, plan in zip(descriptors, limits, chosen, strict=True):
+            if (plan is None or limit is None or plan.limit is not limit or d.override is not None
+                    or limit.unlimited or limit.quota_mode
+                    or limit.algorithm is not Algorithm.FIXED_WINDOW):
+                return False
+        for d, plan in zip(descriptors, chosen, strict=True):
+            assert plan is not None and plan.limit is not None
+            if plan.stats is None:
+                plan.stats = self._stats_for(
+                    domain_name, self._label(plan.limit, plan.path, d.entries)
+                )
+        return True
+
+    async def _fixed_windows(
+        self,
+        descriptors: Sequence[DescriptorRequest],
+        plans: tuple[_Plan, ...],
+        default_hits: int,
+        now: float,
+        timeout_s: float | None,
+    ) -> Answer:
+        """should_rate_limit for the usual request (see _only_fixed_windows): the same steps
+        and results as the general path, without what these requests cannot need."""
+        now_s = int(now)
+        ops: list[Op] = []
+        for d, plan in zip(descriptors, plans, strict=True):
+            hits = default_hits if d.hits is None else d.hits
+            window = plan.limit.window_s  # type: ignore[union-attr]
+            start = now_s - now_s % window  # alg.fixed_window_start
+            op = plan.op
+            if op is None or plan.start != start or op.hits != hits:
+                op = plan.op = alg.fixed_op(plan.base, hits, window, now_s)
+                plan.start = start
+            plan.stats.hits.inc(hits)  # type: ignore[union-attr]
+            ops.append(op)
+        try:
+            if self._remote and timeout_s is not None:
+                results = await within(self.store.apply(ops), timeout_s)
+            else:
+                results = await self.store.apply(ops)
+        except (StoreError, TimeoutError, OSError) as exc:
+            return self._store_failed(exc, descriptors, [p.limit for p in plans], timeout_s)
+        statuses: list[Status] = []
+        over = False
+        for op, plan, result in zip(ops, plans, results, strict=True):
+            limit: Limit = plan.limit  # type: ignore[assignment]
+            hits = op.hits
+            used = result[0]
+            if hits and used <= plan.near:  # well within: no near, no over (see _account)
+                plan.stats.within.inc(hits)  # type: ignore[union-attr]
+                window = limit.window_s
+                statuses.append(
+                    Status(False, limit, limit.requests_per_unit - used, window - now_s % window)
+                )
+                continue
+            status = self._account(
+                limit, op, self._outcome(limit, op, result, hits, now_s), hits, plan.stats, now
+            )
+            over = over or status.over
+            statuses.append(status)
+        if over or self._headers_enabled:
+            return self._answer(tuple(statuses), [p.limit for p in plans])
+        return Answer(False, tuple(statuses))
+
+    def _resolve(
+        self, domain: Domain, descriptors: Sequence[DescriptorRequest]
+    ) -> tuple[list[Limit | None], list[_Plan | None]]:
+        """Each descriptor's limit (after ``replaces``) and plan (None for Envoy's override)."""
+        plans = self._plans.get(domain.name)
+        if plans is None:
+            plans = self._plans[domain.name] = {}
+        count = len(descriptors)
+        limits: list[Limit | None] = [None] * count
+        chosen: list[_Plan | None] = [None] * count
+        replaced: frozenset[str] | None = None
+        for i, d in enumerate(descriptors):
+            if d.override is not None:
+                limit = self._override(d)
+            else:
+                plan = plans.get(d.entries)
+                if plan is None:
+                    plan = self._plan(plans, domain, d.entries)
+                chosen[i] = plan
+                limit = plan.limit
+            if limit is not None and limit.replaces:
+                replaced = limit.replaces if replaced is None else replaced | limit.replaces
+            limits[i] = limit
+        if replaced:
+            limits = [None if (lm is not None and lm.name in replaced) else lm for lm in limits]
+        return limits, chosen
+
     def _plan(
         self,
         plans: dict[tuple[tuple[str, str], ...], _Plan],
@@ -308,7 +415,8 @@ class Limiter:
         entries: tuple[tuple[str, str], ...],
     ) -> _Plan:
         limit, path = match(domain, entries)
-        plan = _Plan(limit, path, None, self._base_key(domain.name, entries, path))
+        near = int(limit.requests_per_unit * self._near_ratio) if limit is not None else 0
+        plan = _Plan(limit, path, None, self._base_key(domain.name, entries, path), near)
         if len(plans) >= PLAN_CACHE_MAX:
             plans.clear()
         plans[entries] = plan

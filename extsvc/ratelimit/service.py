@@ -12,15 +12,18 @@ import logging
 from typing import Any
 
 import grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf.message import DecodeError
 
+from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
-from extsvc.ratelimit.convert import to_descriptors, to_response
+from extsvc.ratelimit.convert import encode_response, parse_request
 from extsvc.ratelimit.manager import RateLimitManager
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
+RateLimitResponse = rls_pb2.RateLimitResponse
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
@@ -38,13 +41,30 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._ok = metrics.hot(metrics.rl_responses.labels("ok"))
         self._over = metrics.hot(metrics.rl_responses.labels("over_limit"))
         self._error = metrics.hot(metrics.rl_responses.labels("error"))
+        self._throttle = LogThrottle()
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
+        """The message form (in-process callers); the server registers :meth:`answer_wire`."""
+        raw = await self.answer_wire(request.SerializeToString(), context)
+        return RateLimitResponse.FromString(raw)
+
+    async def answer_wire(self, raw: bytes, context: Any) -> bytes:
+        """ShouldRateLimit from request bytes to response bytes (see convert.py's wire form)."""
         limiter = self._manager.limiter
         if limiter is None:
             self._error.inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no ratelimit config loaded")
-            return None  # abort raises; for the type checker
+            return b""  # abort raises; for the type checker
+        try:
+            request = parse_request(raw)
+        except DecodeError as exc:
+            self._error.inc()
+            held = self._throttle.allow("unreadable")
+            if held is not None:
+                log.warning("unreadable RateLimitRequest answered INVALID_ARGUMENT: %s "
+                            "(%d more since the last report)", exc, held)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unreadable RateLimitRequest")
+            return b""
         if not request.domain or not request.descriptors:
             self._error.inc()
             await context.abort(
@@ -52,11 +72,19 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 "rate limit domain must not be empty" if not request.domain
                 else "rate limit descriptor list must not be empty",
             )
-            return None
+            return b""
         remaining = context.time_remaining()
         budget = self._default_timeout if remaining is None else max(remaining - self._margin, 0.0)
         answer = await limiter.should_rate_limit(
-            request.domain, to_descriptors(request), request.hits_addend, budget
+            request.domain, request.descriptors, request.hits_addend, budget
         )
         (self._over if answer.over else self._ok).inc()
-        return to_response(answer)
+        return encode_response(answer)
+
+
+def add_to_server(service: RateLimitService, server: Any) -> None:
+    """Register ``service`` on ``server`` in its wire form: no (de)serializers, bytes both ways."""
+    handler = grpc.unary_unary_rpc_method_handler(service.answer_wire)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"ShouldRateLimit": handler}),)
+    )
