@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import Sample, free_port, h2load, median_sample, wait_port, wait_ready
+from benchkit import Sample, cpu_seconds, free_port, h2load, median_sample, wait_port, wait_ready
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from floorkit import serve_floor
@@ -169,15 +169,20 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
             h2load(port, RLS_PATH, frame_file, pid, warm, args.clients, args.streams)
         floor_samples, ext_samples = [], []
         calls_before = redis_calls(redis_port) if redis_port else 0
+        redis_cpu = 0.0
         for _ in range(args.rounds):
             floor_samples.append(h2load(floor_port, RLS_PATH, frame_file, floor.pid, args.requests,
                                         args.clients, args.streams))
+            before = cpu_seconds(redis.pid) if redis is not None else 0.0
             ext_samples.append(h2load(ext_port, RLS_PATH, frame_file, ext.pid, args.requests,
                                       args.clients, args.streams))
-        round_trips = None
+            if redis is not None:
+                redis_cpu += cpu_seconds(redis.pid) - before
+        round_trips = redis_us = None
         if redis_port:
             answered = sum(s.requests for s in ext_samples)
             round_trips = (redis_calls(redis_port) - calls_before) / answered
+            redis_us = redis_cpu / answered * 1e6
     finally:
         for proc in (floor, ext, redis):
             if proc is not None:
@@ -191,6 +196,7 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
         "ratio": statistics.median(ratios),
         "ratios": ratios,
         "round_trips": round_trips,
+        "redis_cpu_us": redis_us,
     }
 
 
@@ -198,18 +204,19 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
 
 def print_table(results: list[dict[str, object]]) -> None:
     print("| case | server | req/s | p50 ms | p99 ms | CPU µs/RPC | failed | ratio vs floor "
-          "| Redis round trips/RPC |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Redis round trips/RPC | redis-server CPU µs/RPC |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for result in results:
         for name in ("floor", "extsvc"):
             s: Sample = result[name]  # type: ignore[assignment]
             ratio = f"**{result['ratio']:.2f}**" if name == "extsvc" else ""
-            trips = result["round_trips"]
+            trips, redis_us = result["round_trips"], result["redis_cpu_us"]
             rt = f"{trips:.3f}" if name == "extsvc" and isinstance(trips, float) else ""
+            ru = f"{redis_us:.0f}" if name == "extsvc" and isinstance(redis_us, float) else ""
             print(f"| {result['case']} | {name} | {s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} "
-                  f"| {s.cpu_us:.0f} | {s.failed} | {ratio} | {rt} |")
+                  f"| {s.cpu_us:.0f} | {s.failed} | {ratio} | {rt} | {ru} |")
         ratios = ", ".join(f"{r:.2f}" for r in result["ratios"])  # type: ignore[attr-defined]
-        print(f"|  | rounds |  |  |  |  |  | {ratios} |  |")
+        print(f"|  | rounds |  |  |  |  |  | {ratios} |  |  |")
 
 
 def main() -> int:

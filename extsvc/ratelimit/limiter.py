@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from asyncio import get_running_loop
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -153,6 +154,9 @@ class Limiter:
         self._metrics = metrics
         self._clock = clock
         self._remote = store.kind != "memory"
+        self._apply_by: Callable[[list[Op], float], Awaitable[list[tuple[int, int]]]] | None = (
+            getattr(store, "apply_by", None)
+        )
         self._prefix = section.store.key_prefix
         self._hash_tag = section.store.hash_tag
         self._near_ratio = section.near_limit_ratio
@@ -273,10 +277,7 @@ class Limiter:
         # 3. One store call for the whole request.
         if ops:
             try:
-                if self._remote and timeout_s is not None:
-                    results = await within(self.store.apply(ops), timeout_s)
-                else:
-                    results = await self.store.apply(ops)
+                results = await self._apply(ops, timeout_s)
             except (StoreError, TimeoutError, OSError) as exc:
                 return self._store_failed(exc, descriptors, limits, timeout_s)
             near_ratio = self._near_ratio
@@ -304,6 +305,15 @@ class Limiter:
         return self._answer(final, limits)
 
     # --- pieces ---------------------------------------------------------------------------
+
+    async def _apply(self, ops: list[Op], timeout_s: float | None) -> list[tuple[int, int]]:
+        """The store call, bounded by ``timeout_s`` for remote stores: by the store itself when
+        it offers ``apply_by(ops, deadline)`` (no timer per request), else by :func:`within`."""
+        if not self._remote or timeout_s is None:
+            return await self.store.apply(ops)
+        if self._apply_by is not None:
+            return await self._apply_by(ops, get_running_loop().time() + timeout_s)
+        return await within(self.store.apply(ops), timeout_s)
 
     def _only_fixed_windows(
         self,
@@ -354,7 +364,7 @@ class Limiter:
             ops.append(op)
         try:
             if self._remote and timeout_s is not None:
-                results = await within(self.store.apply(ops), timeout_s)
+                results = await self._apply(ops, timeout_s)
             else:
                 results = await self.store.apply(ops)
         except (StoreError, TimeoutError, OSError) as exc:

@@ -174,13 +174,18 @@ class RedisStore:
         )
 
     async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        return await self.apply_by(ops, None)
+
+    async def apply_by(self, ops: Sequence[Op], deadline: float | None) -> list[tuple[int, int]]:
+        """:meth:`apply`, failing with StoreError at ``deadline`` (event-loop time) at the latest:
+        the client's watchdog bounds the call, so the limiter arms no timer of its own."""
         try:
-            result = await self._client.call_encoded(_evalsha(ops))
+            result = await self._client.call_encoded(_evalsha(ops), deadline)
         except RespError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise StoreError(f"redis: {exc}") from exc
             keys, args = _flatten(ops)
-            result = await self._client.call("EVAL", LUA, len(keys), *keys, *args)
+            result = await self._client.call("EVAL", LUA, len(keys), *keys, *args, deadline=deadline)
         return [(int(x), int(y)) for x, y in result]
 
     async def aclose(self) -> None:

@@ -5,7 +5,9 @@ reply and checks it back in for every command, which cost ~300 µs of CPU per ra
 ``bench/ratelimit_bench.py``. Redis executes commands one at a time anyway, so this client keeps one
 connection, writes the commands issued during one event-loop turn together at the start of the
 next (one ``write``, and one read for Redis), and a parser resolves the waiting futures in order as
-replies arrive. One watchdog timer, not one per command, bounds how long a command waits.
+replies arrive. One watchdog timer, not one per command, bounds how long a command waits: by the
+client's timeout, or earlier by the caller's deadline (the RPC's), so callers need no timer of
+their own.
 
 Failure behaviour: a lost connection fails every waiting command at once; the next command
 reconnects, but at most one connect attempt runs at a time and a failed attempt is not retried
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import socket
 import time
 from collections import deque
@@ -178,10 +182,15 @@ class PipelinedRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._failed_at = -1e9
-        # Command deadlines, in send order (all commands have the same timeout, so the order of
-        # their deadlines too); one timer for the earliest pending one instead of one per command.
+        # Command deadlines, in send order: with one timeout (and callers' deadlines that come
+        # from RPCs with the same budget) that is also deadline order, so one timer for the
+        # earliest pending one covers them all. A deadline earlier than the last one queued goes
+        # to a heap instead, so it is never held up behind later ones.
         self._deadlines: deque[tuple[float, asyncio.Future[Reply]]] = deque()
+        self._early: list[tuple[float, int, asyncio.Future[Reply]]] = []
+        self._sequence = itertools.count()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
         self._last_error = ""
 
     async def _connect(self) -> _Connection:
@@ -231,22 +240,38 @@ class PipelinedRedis:
             self._conn = conn
         return conn
 
-    async def call(self, *args: bytes | str | int) -> Reply:
-        """Send one command and return its reply; an error reply raises :class:`RespError`."""
-        return await self.call_encoded(encode(args))
+    async def call(self, *args: bytes | str | int, deadline: float | None = None) -> Reply:
+        """Send one command and return its reply; an error reply raises :class:`RespError`.
 
-    async def call_encoded(self, payload: bytes) -> Reply:
+        :param deadline: event-loop time by which the reply must have come (else StoreError),
+            when that is earlier than the client's own timeout.
+        """
+        return await self.call_encoded(encode(args), deadline)
+
+    async def call_encoded(self, payload: bytes, deadline: float | None = None) -> Reply:
         """:meth:`call` for a command already encoded (see :func:`encode`)."""
-        conn = await self._connection()
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self._connection()
         future = conn.send(payload)
         # Bounded by the watchdog (_expire) rather than asyncio.wait_for or a timer armed and
         # cancelled per command; the reply of a timed-out command is still read in order and
         # dropped.
         loop = asyncio.get_running_loop()
         when = loop.time() + self._timeout
-        self._deadlines.append((when, future))
-        if self._watchdog is None:
+        if deadline is not None and deadline < when:
+            when = deadline
+        deadlines = self._deadlines
+        if deadlines and when < deadlines[-1][0]:
+            heapq.heappush(self._early, (when, next(self._sequence), future))
+        else:
+            deadlines.append((when, future))
+        watchdog = self._watchdog
+        if watchdog is None or when < self._watchdog_at:
+            if watchdog is not None:
+                watchdog.cancel()
             self._watchdog = loop.call_at(when, self._expire)
+            self._watchdog_at = when
         reply = await future
         if isinstance(reply, RespError):
             raise reply
@@ -257,17 +282,29 @@ class PipelinedRedis:
         self._watchdog = None
         loop = asyncio.get_running_loop()
         now = loop.time()
+        late = StoreError(
+            f"redis: no reply within {self._timeout * 1000:.0f} ms or before the RPC's deadline"
+        )
+        following: float | None = None
         deadlines = self._deadlines
         while deadlines:
             when, future = deadlines[0]
             if not future.done():
                 if when > now:
-                    self._watchdog = loop.call_at(when, self._expire)
-                    return
-                future.set_exception(
-                    StoreError(f"redis: no reply within {self._timeout * 1000:.0f} ms")
-                )
+                    following = when
+                    break
+                future.set_exception(late)
             deadlines.popleft()
+        early = self._early
+        while early and (early[0][0] <= now or early[0][2].done()):
+            _, _, future = heapq.heappop(early)
+            if not future.done():
+                future.set_exception(late)
+        if early and (following is None or early[0][0] < following):
+            following = early[0][0]
+        if following is not None:
+            self._watchdog = loop.call_at(following, self._expire)
+            self._watchdog_at = following
 
     async def aclose(self) -> None:
         if self._watchdog is not None:

@@ -1,0 +1,102 @@
+"""The pipelining Redis client's deadlines: its own timeout, and the caller's (the RPC's) earlier one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from extsvc.errors import StoreError
+from extsvc.observability.metrics import Metrics
+from extsvc.ratelimit.config import RateLimitSection, StoreSettings, StoreType
+from extsvc.ratelimit.limiter import DescriptorRequest, Limiter
+from extsvc.ratelimit.manager import load_domains
+from extsvc.ratelimit.store.redis import RedisStore
+from extsvc.ratelimit.store.resp import PipelinedRedis
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A TCP server that accepts and reads but never answers (a Redis that hangs)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        while await reader.read(4096):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    for writer in writers:
+        writer.close()
+    server.close()
+
+
+async def _fails_after(call: asyncio.Future[object], started: float) -> float:
+    with pytest.raises(StoreError, match="no reply"):
+        await call
+    return time.monotonic() - started
+
+
+async def test_a_callers_deadline_earlier_than_the_timeout_wins(silent_port: int) -> None:
+    client = PipelinedRedis(f"redis://127.0.0.1:{silent_port}", timeout_s=5.0)
+    try:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        call = asyncio.ensure_future(client.call("PING", deadline=loop.time() + 0.05))
+        assert 0.04 <= await _fails_after(call, started) < 1.0
+    finally:
+        await client.aclose()
+
+
+async def test_an_early_deadline_behind_a_later_one_is_not_held_up(silent_port: int) -> None:
+    """Deadlines out of send order (RPCs with different budgets) each fail on time."""
+    client = PipelinedRedis(f"redis://127.0.0.1:{silent_port}", timeout_s=5.0)
+    try:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        late = asyncio.ensure_future(client.call("PING", deadline=loop.time() + 0.6))
+        await asyncio.sleep(0.01)
+        early = asyncio.ensure_future(client.call("PING", deadline=loop.time() + 0.05))
+        assert await _fails_after(early, started) < 0.4
+        assert not late.done()
+        assert 0.55 <= await _fails_after(late, started) < 2.0
+    finally:
+        await client.aclose()
+
+
+async def test_without_a_deadline_the_clients_timeout_bounds_a_call(silent_port: int) -> None:
+    client = PipelinedRedis(f"redis://127.0.0.1:{silent_port}", timeout_s=0.1)
+    try:
+        started = time.monotonic()
+        call = asyncio.ensure_future(client.call("PING"))
+        assert 0.09 <= await _fails_after(call, started) < 1.5
+    finally:
+        await client.aclose()
+
+
+async def test_limiter_answers_per_failure_mode_by_the_rpc_deadline(silent_port: int) -> None:
+    """The Redis store bounds its call itself (apply_by): the limiter's answer comes by the
+    RPC's budget even though the store's timeout_ms is far longer."""
+    root = Path(__file__).resolve().parents[2]
+    section = RateLimitSection(
+        config_dir=Path("docs/ratelimit"), failure_mode="deny",
+        store=StoreSettings(type=StoreType.REDIS, url=f"redis://127.0.0.1:{silent_port}",
+                            timeout_ms=5000),
+    )
+    domains, problems = load_domains(section, root)
+    assert problems == []
+    store = RedisStore(section.store)
+    limiter = Limiter(section, domains, store, Metrics())
+    assert limiter._apply_by is not None
+    try:
+        request = (DescriptorRequest((("generic_key", "api"), ("api_key", "k1"))),)
+        started = time.monotonic()
+        answer = await limiter.should_rate_limit("gateway", request, 0, 0.05)
+        assert time.monotonic() - started < 1.0
+        assert answer.over and answer.note == "store-error"
+    finally:
+        await store.aclose()
