@@ -1,4 +1,4 @@
-"""The pipelining Redis client's deadlines: its own timeout, and the caller's (the RPC's) earlier one."""
+"""The pipelining Redis client: deadlines (its own timeout, the RPC's earlier one) and the parser."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from extsvc.errors import StoreError
 from extsvc.observability.metrics import Metrics
@@ -15,7 +17,7 @@ from extsvc.ratelimit.config import RateLimitSection, StoreSettings, StoreType
 from extsvc.ratelimit.limiter import DescriptorRequest, Limiter
 from extsvc.ratelimit.manager import load_domains
 from extsvc.ratelimit.store.redis import RedisStore
-from extsvc.ratelimit.store.resp import PipelinedRedis
+from extsvc.ratelimit.store.resp import PipelinedRedis, RespError, _Incomplete, parse
 
 
 @pytest.fixture
@@ -100,3 +102,46 @@ async def test_limiter_answers_per_failure_mode_by_the_rpc_deadline(silent_port:
         assert answer.over and answer.note == "store-error"
     finally:
         await store.aclose()
+
+
+# -- the reply parser -----------------------------------------------------------------------------
+
+def reply_bytes(value: object) -> bytes:
+    """RESP2 encoding of a reply (the test's reference, independent of the parser)."""
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, str):
+        return b"+" + value.encode() + b"\r\n"
+    assert isinstance(value, list)
+    return b"*%d\r\n" % len(value) + b"".join(reply_bytes(item) for item in value)
+
+
+replies = st.recursive(
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=12), st.none(),
+              st.text("abcOK", min_size=1, max_size=5)),
+    lambda inner: st.lists(inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(replies)
+def test_parse_reads_any_reply_and_waits_for_a_cut_one(value: object) -> None:
+    data = reply_bytes(value)
+    assert parse(data, 0) == (value, len(data))
+    for cut in range(len(data)):  # every prefix is incomplete, never misread
+        with pytest.raises(_Incomplete):
+            parse(data[:cut], 0)
+
+
+def test_the_scripts_reply_shape_and_mixed_arrays() -> None:
+    script = b"*3\r\n*2\r\n:5\r\n:0\r\n*2\r\n:1\r\n:42\r\n*2\r\n:-1\r\n:0\r\n"
+    assert parse(script, 0) == ([[5, 0], [1, 42], [-1, 0]], len(script))
+    mixed = b"*2\r\n*2\r\n:1\r\n$2\r\nab\r\n*-1\r\n"
+    assert parse(mixed, 0) == ([[1, b"ab"], None], len(mixed))
+    error, end = parse(b"-NOSCRIPT No matching script\r\n", 0)
+    assert isinstance(error, RespError) and end == 30

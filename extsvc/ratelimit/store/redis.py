@@ -186,7 +186,7 @@ class RedisStore:
                 raise StoreError(f"redis: {exc}") from exc
             keys, args = _flatten(ops)
             result = await self._client.call("EVAL", LUA, len(keys), *keys, *args, deadline=deadline)
-        return [(int(x), int(y)) for x, y in result]
+        return [(x, y) for x, y in result]  # the script's integers arrive as ints
 
     async def aclose(self) -> None:
         await self._client.aclose()

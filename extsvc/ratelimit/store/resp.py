@@ -63,18 +63,38 @@ def parse(buffer: bytes, pos: int) -> tuple[Reply, int]:
         pos = end + 2
         if count < 0:
             return None, pos
-        items = []
+        items: list[Any] = []
+        find = buffer.find
         for _ in range(count):
-            # Integers inline (a script's reply is arrays of them): no call per element.
-            end = buffer.find(b"\r\n", pos)
+            # Integers, and arrays of integers, inline: the rate-limit script answers an array
+            # of {x, y} pairs, and a call per element was most of the cost of reading it.
+            end = find(b"\r\n", pos)
             if end < 0:
                 raise _Incomplete
-            if buffer[pos] == 0x3A:
+            kind = buffer[pos]
+            if kind == 0x3A:
                 items.append(int(buffer[pos + 1:end]))
                 pos = end + 2
-            else:
-                item, pos = parse(buffer, pos)
-                items.append(item)
+                continue
+            if kind == 0x2A:
+                inner = int(buffer[pos + 1:end])
+                at = end + 2
+                numbers: list[int] = []
+                for _ in range(inner):
+                    end = find(b"\r\n", at)
+                    if end < 0:
+                        raise _Incomplete
+                    if buffer[at] != 0x3A:
+                        break
+                    numbers.append(int(buffer[at + 1:end]))
+                    at = end + 2
+                else:
+                    if inner >= 0:
+                        items.append(numbers)
+                        pos = at
+                        continue
+            item, pos = parse(buffer, pos)  # anything else: the general way
+            items.append(item)
         return items, pos
     line = buffer[pos + 1:end]
     pos = end + 2
