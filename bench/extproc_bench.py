@@ -56,14 +56,6 @@ CASES: dict[str, dict[str, object]] = {
 }
 
 
-
-
-
-
-
-
-
-
 # -- the load client (runs in its own process: `extproc_bench.py --client ...`) --------------------
 
 
@@ -227,6 +219,7 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
         "floor": median_sample(floor_samples),
         "extsvc": median_sample(ext_samples),
         "ratio": statistics.median(e.rps / f.rps for e, f in zip(ext_samples, floor_samples, strict=True)),
+        "ratios": [e.rps / f.rps for e, f in zip(ext_samples, floor_samples, strict=True)],
         "cpu_ratio": statistics.median(
             e.cpu_us / f.cpu_us for e, f in zip(ext_samples, floor_samples, strict=True)),
     }
@@ -243,6 +236,8 @@ def print_table(results: list[dict[str, object]]) -> None:
             cpu = f"{result['cpu_ratio']:.2f}" if name == "extsvc" else ""
             print(f"| {result['case']} | {name} | {s.rps:,.0f} | {s.p50_ms:.2f} | {s.p99_ms:.2f} "
                   f"| {s.messages:.1f} | {s.cpu_us:.0f} | {s.failed} | {ratio} | {cpu} |")
+        ratios = ", ".join(f"{r:.2f}" for r in result["ratios"])  # type: ignore[attr-defined]
+        print(f"|  | rounds |  |  |  |  |  |  | {ratios} |  |")
 
 
 def main() -> int:

@@ -91,14 +91,6 @@ def run_floor(port: int) -> None:
 # --- plumbing --------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
 def redis_cli(port: int, *args: str) -> str:
     return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True,
                           check=True).stdout
@@ -111,10 +103,6 @@ def redis_calls(port: int) -> int:
         if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_multi:")):
             calls += int(dict(p.split("=", 1) for p in line.split(":", 1)[1].split(","))["calls"])
     return calls
-
-
-
-
 
 
 def check_answer(port: int) -> None:
@@ -198,8 +186,6 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
         "round_trips": round_trips,
         "redis_cpu_us": redis_us,
     }
-
-
 
 
 def print_table(results: list[dict[str, object]]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from time import perf_counter
+from types import CoroutineType
 from typing import Any
 
 from extsvc.config.model import ExtprocConfig, ExtprocOnError
-from extsvc.deadline import Deadline, run_guarded
+from extsvc.deadline import Deadline, resume
 from extsvc.extproc.model import Exchange, HttpMessage, ImmediateReply, Phase
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,21 @@ class CompiledExtprocPolicy:
         try:
             for current, hook in chain:
                 mark = len(message.ops)
-                started = time.perf_counter()
+                started = perf_counter()
                 try:
-                    await run_guarded(hook(message), guard)
+                    # run_guarded(), inlined: a coroutine less per processor and message
+                    pending = hook(message)
+                    if type(pending) is CoroutineType:
+                        try:
+                            waiting_on = pending.send(None)
+                        except StopIteration:
+                            pass
+                        else:
+                            guard.arm()
+                            await resume(pending, waiting_on)
+                    else:
+                        guard.arm()
+                        await pending
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 (isolating a processor's failure is the point)
@@ -94,7 +107,7 @@ class CompiledExtprocPolicy:
                         return
                     continue
                 finally:
-                    current.duration.observe(time.perf_counter() - started)
+                    current.duration.observe(perf_counter() - started)
                 if message.reply is not None:  # an immediate response ends the chain
                     return
         except asyncio.CancelledError:

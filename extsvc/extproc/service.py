@@ -33,7 +33,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         #: per-request failure warnings, once per cause and interval (the metrics count all)
         self._throttle = LogThrottle()
         self._not_ready = metrics.hot(metrics.extproc_streams.labels("", "not-ready"))
-        self._active = metrics.extproc_active_streams
+        self._active = metrics.hot(metrics.extproc_active_streams)
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
 
     async def Process(self, request_iterator: Any, context: Any) -> None:

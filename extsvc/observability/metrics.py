@@ -59,6 +59,29 @@ class HotCounter:
             self._child.inc(amount)
 
 
+class HotGauge:
+    """A gauge for the request path (``inc()``/``dec()`` on a plain number); :meth:`flush` sets
+    the child to it (so multi-process ``livesum`` gauges keep working)."""
+
+    __slots__ = ("_child", "_flushed", "_value")
+
+    def __init__(self, child: Gauge) -> None:
+        self._child = child
+        self._value: float = 0
+        self._flushed: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self._value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self._value -= amount
+
+    def flush(self) -> None:
+        if self._value != self._flushed:
+            self._flushed = self._value
+            self._child.set(self._value)
+
+
 class HotHistogram:
     """A histogram child for the request path: ``observe()`` counts into a local bucket array
     (the same ``value <= bound`` rule as prometheus_client); :meth:`flush` adds the counts to the
@@ -117,7 +140,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._hot: dict[int, tuple[Any, HotCounter | HotHistogram]] = {}
+        self._hot: dict[int, tuple[Any, HotCounter | HotGauge | HotHistogram]] = {}
         r.register(_FlushFirst(self))
         self.authz_decisions = Counter(
             "extsvc_authz_decisions_total",
@@ -288,11 +311,13 @@ class Metrics:
         return histogram
 
     def hot(self, child: Any) -> Any:
-        """The request-path twin of a labelled Counter or Histogram child (one per child)."""
+        """The request-path twin of a labelled Counter, Gauge or Histogram child (one per child)."""
         entry = self._hot.get(id(child))
         if entry is None:
             if isinstance(child, Counter):
-                twin: HotCounter | HotHistogram = HotCounter(child)
+                twin: HotCounter | HotGauge | HotHistogram = HotCounter(child)
+            elif isinstance(child, Gauge):
+                twin = HotGauge(child)
             elif isinstance(child, Histogram) and _can_defer(child):
                 twin = HotHistogram(child)
             else:

@@ -115,3 +115,17 @@ async def test_the_flusher_moves_counts_on_its_own_and_once_more_when_stopped(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert child._value.get() == 7
+
+
+def test_a_hot_gauge_goes_up_and_down_and_reads_right_at_any_collection() -> None:
+    metrics = Metrics()
+    active = metrics.hot(metrics.extproc_active_streams)
+    read = lambda: metrics.registry.get_sample_value("extsvc_extproc_active_streams")  # noqa: E731
+    assert read() == 0
+    active.inc()
+    active.inc()
+    assert read() == 2
+    active.dec()
+    assert read() == 1
+    active.dec()
+    assert read() == 0
