@@ -157,6 +157,10 @@ class Limiter:
         self._apply_by: Callable[[list[Op], float], Awaitable[list[tuple[int, int]]]] | None = (
             getattr(store, "apply_by", None)
         )
+        #: a store that answers without waiting (memory) is called without a coroutine
+        self._apply_now: Callable[[list[Op]], list[tuple[int, int]]] | None = (
+            getattr(store, "apply_now", None)
+        )
         self._prefix = section.store.key_prefix
         self._hash_tag = section.store.hash_tag
         self._near_ratio = section.near_limit_ratio
@@ -174,6 +178,11 @@ class Limiter:
         over = section.over_limit
         self._over_headers = tuple(over.headers.items())
         self._over_body = over.body
+
+    @property
+    def remote(self) -> bool:
+        """Whether store calls wait on a network (and so are bounded by the RPC's deadline)."""
+        return self._remote
 
     def with_domains(self, domains: DomainSet) -> Limiter:
         """The same settings and store (and counters) with other domains."""
@@ -209,8 +218,19 @@ class Limiter:
         memo = self._resolved.get(id(descriptors))
         if memo is not None and memo[0] is descriptors and memo[1] is domain:
             limits, chosen = memo[2], memo[3]
-            if memo[4]:
-                return await self._fixed_windows(descriptors, memo[5], default_hits, now, timeout_s)
+            if memo[4]:  # only fixed windows: the short way, in this frame
+                plans = memo[5]
+                ops: list[Op] = self._fixed_ops(descriptors, plans, default_hits, now_s)
+                try:
+                    if self._apply_now is not None:
+                        results = self._apply_now(ops)
+                    elif self._remote and timeout_s is not None:
+                        results = await self._apply(ops, timeout_s)
+                    else:
+                        results = await self.store.apply(ops)
+                except (StoreError, TimeoutError, OSError) as exc:
+                    return self._store_failed(exc, descriptors, [p.limit for p in plans], timeout_s)
+                return self._fixed_answer(ops, plans, results, now)
         else:
             limits, chosen = self._resolve(domain, descriptors)
             if type(descriptors) is tuple:  # immutable: safe to remember by identity
@@ -224,7 +244,7 @@ class Limiter:
 
         # 2. One store operation per limited descriptor.
         statuses: list[Status | None] = [None] * count
-        ops: list[Op] = []
+        ops = []
         op_index: list[int] = []
         stats: list[_Stats | None] = [None] * count
         hits_of = [0] * count
@@ -322,7 +342,7 @@ class Limiter:
         limits: list[Limit | None],
         chosen: list[_Plan | None],
     ) -> bool:
-        """Whether a request takes :meth:`_fixed_windows`: every descriptor has a plan with its
+        """Whether a request takes the short way (:meth:`_fixed_ops`): every descriptor has a plan with its
         own fixed-window limit (no override, replaced, unlimited or quota limit) and the local
         over-limit cache is off. Binds the plans' counters (the general path binds them lazily)."""
         if self._local is not None:
@@ -340,17 +360,15 @@ class Limiter:
                 )
         return True
 
-    async def _fixed_windows(
-        self,
+    @staticmethod
+    def _fixed_ops(
         descriptors: Sequence[DescriptorRequest],
         plans: tuple[_Plan, ...],
         default_hits: int,
-        now: float,
-        timeout_s: float | None,
-    ) -> Answer:
-        """should_rate_limit for the usual request (see _only_fixed_windows): the same steps
-        and results as the general path, without what these requests cannot need."""
-        now_s = int(now)
+        now_s: int,
+    ) -> list[Op]:
+        """The store operations of a request of fixed windows only (see _only_fixed_windows),
+        with the hits counted."""
         ops: list[Op] = []
         for d, plan in zip(descriptors, plans, strict=True):
             hits = default_hits if d.hits is None else d.hits
@@ -362,13 +380,18 @@ class Limiter:
                 plan.start = start
             plan.stats.hits.inc(hits)  # type: ignore[union-attr]
             ops.append(op)
-        try:
-            if self._remote and timeout_s is not None:
-                results = await self._apply(ops, timeout_s)
-            else:
-                results = await self.store.apply(ops)
-        except (StoreError, TimeoutError, OSError) as exc:
-            return self._store_failed(exc, descriptors, [p.limit for p in plans], timeout_s)
+        return ops
+
+    def _fixed_answer(
+        self,
+        ops: list[Op],
+        plans: tuple[_Plan, ...],
+        results: Sequence[tuple[int, int]],
+        now: float,
+    ) -> Answer:
+        """The answer to the ops of :meth:`_fixed_ops`: the same statuses and counts as the
+        general path gives, without what these requests cannot need."""
+        now_s = int(now)
         statuses: list[Status] = []
         over = False
         for op, plan, result in zip(ops, plans, results, strict=True):

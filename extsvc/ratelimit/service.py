@@ -73,8 +73,10 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 else "rate limit descriptor list must not be empty",
             )
             return b""
-        remaining = context.time_remaining()
-        budget = self._default_timeout if remaining is None else max(remaining - self._margin, 0.0)
+        budget = None
+        if limiter.remote:  # only a store that waits needs the RPC's budget
+            remaining = context.time_remaining()
+            budget = self._default_timeout if remaining is None else max(remaining - self._margin, 0.0)
         answer = await limiter.should_rate_limit(
             request.domain, request.descriptors, request.hits_addend, budget
         )

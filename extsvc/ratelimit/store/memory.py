@@ -42,6 +42,10 @@ class MemoryStore:
             self._expiry.setdefault(bucket, []).append(key)
 
     async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        return self.apply_now(ops)
+
+    def apply_now(self, ops: Sequence[Op]) -> list[tuple[int, int]]:
+        """:meth:`apply` without a coroutine: nothing here waits."""
         now_ms = int(self._clock() * 1000)
         if now_ms // 1000 > self._swept:
             self._sweep(now_ms)
