@@ -38,7 +38,9 @@ def to_check_context(request: Any) -> CheckContext:
 class _EnvoyCheckContext(CheckContext):
     """The lazy CheckContext: a step pays only for the fields it reads (most read two or three).
 
-    Unset slots raise AttributeError, which doubles as "not computed yet".
+    Unset slots raise AttributeError, which doubles as "not computed yet" -- except for those
+    read by most requests (``headers``, ``context_extensions``, ``path``/``query``), which start
+    as None: a raised and caught AttributeError costs more than the slot assignment.
     """
 
     __slots__ = ("_attrs", "_http")
@@ -47,6 +49,9 @@ class _EnvoyCheckContext(CheckContext):
         self._attrs = attrs
         self._http = attrs.request.http
         self._policy = ""
+        self._headers = None  # type: ignore[assignment]
+        self._context_extensions = None  # type: ignore[assignment]
+        self._path = None  # type: ignore[assignment]
 
     @property
     def method(self) -> str:
@@ -60,19 +65,15 @@ class _EnvoyCheckContext(CheckContext):
 
     @property
     def path(self) -> str:
-        try:
-            return self._path
-        except AttributeError:
+        if self._path is None:
             self._split()
-            return self._path
+        return self._path
 
     @property
     def query(self) -> str:
-        try:
-            return self._query
-        except AttributeError:
+        if self._path is None:  # _split() sets both
             self._split()
-            return self._query
+        return self._query
 
     @property
     def host(self) -> str:
@@ -88,11 +89,10 @@ class _EnvoyCheckContext(CheckContext):
 
     @property
     def headers(self) -> Mapping[str, str]:
-        try:
-            return self._headers
-        except AttributeError:
-            self._headers = _headers(self._http)
-            return self._headers
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = _headers(self._http)
+        return headers
 
     @property
     def body(self) -> bytes | None:
@@ -137,12 +137,11 @@ class _EnvoyCheckContext(CheckContext):
 
     @property
     def context_extensions(self) -> Mapping[str, str]:
-        try:
-            return self._context_extensions
-        except AttributeError:
+        extensions = self._context_extensions
+        if extensions is None:
             ext = self._attrs.context_extensions
-            self._context_extensions = MappingProxyType(dict(ext)) if ext else _EMPTY
-            return self._context_extensions
+            extensions = self._context_extensions = MappingProxyType(dict(ext)) if ext else _EMPTY
+        return extensions
 
     @property
     def metadata(self) -> Mapping[str, Any]:
