@@ -27,7 +27,18 @@ from pathlib import Path
 
 import jwt
 import yaml
-from benchkit import Sample, ensure_tools, free_port, h2load, median_sample, wait_port, wait_ready
+from benchkit import (
+    Sample,
+    add_pin_argument,
+    apply_pinning,
+    ensure_tools,
+    free_port,
+    h2load,
+    median_sample,
+    server_command,
+    wait_port,
+    wait_ready,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from envoy.service.auth.v3 import external_auth_pb2
@@ -132,11 +143,11 @@ def run_case(case: str, fx: Fixture, args: argparse.Namespace) -> dict[str, obje
     frame_file = fx.workdir / "request.bin"
     frame_file.write_bytes(request_frame(fx))
     floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
-    floor = subprocess.Popen([PY, str(ROOT / "bench" / "floor_server.py"), str(floor_port)])
+    floor = subprocess.Popen(server_command([PY, str(ROOT / "bench" / "floor_server.py"), str(floor_port)]))
     ext = subprocess.Popen(
-        [PY, "-m", "extsvc", "serve", "--config", str(write_config(fx, case)),
-         "--grpc-address", f"127.0.0.1:{ext_port}", "--admin-address", f"127.0.0.1:{admin_port}",
-         "--log-level", "WARNING"],
+        server_command([PY, "-m", "extsvc", "serve", "--config", str(write_config(fx, case)),
+                        "--grpc-address", f"127.0.0.1:{ext_port}",
+                        "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "WARNING"]),
         cwd=fx.workdir,
     )
     try:
@@ -190,20 +201,24 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5, help="wrk duration per round (--envoy)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (--envoy)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    add_pin_argument(parser)
     args = parser.parse_args()
     ensure_tools("h2load", *(["wrk"] if args.envoy else []))
+    pinning = apply_pinning(args.pin)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-bench-") as tmp:
         fx = make_fixture(Path(tmp))
         for case in args.case or list(CASES):
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, fx, args))
+        print(pinning)
         print_table(results)
         if args.envoy:
             from envoy_bench import run_envoy_case
 
             envoy_result = run_envoy_case(fx, write_config(fx, "jwt-warm"), args)
             print()
+            print("Envoy case: not pinned (wrk, Envoy and the server share every CPU)")
             print(envoy_result["table"])
             results.append({k: v for k, v in envoy_result.items() if k != "table"})
     if args.json:

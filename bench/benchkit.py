@@ -6,6 +6,7 @@ The benchmarks run as scripts (``python bench/authz_bench.py``), so this module 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import socket
@@ -20,9 +21,41 @@ from pathlib import Path
 from extsvc.testing.harness import free_port, http_get
 
 __all__ = [
-    "Sample", "cpu_seconds", "ensure_tools", "free_port", "h2load", "median_sample", "wait_port",
-    "wait_ready",
+    "Sample", "add_pin_argument", "apply_pinning", "cpu_seconds", "ensure_tools", "free_port",
+    "h2load", "load_command", "median_sample", "server_command", "wait_port", "wait_ready",
 ]
+
+#: (load generator CPUs, server CPUs) for ``taskset -c`` while pinning is on, else None
+_pinning: tuple[str, str] | None = None
+
+
+def add_pin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pin", action=argparse.BooleanOptionalAction, default=True,
+        help="run the load generator on the first CPU and the servers (and redis-server) on the "
+             "others, so that they do not take CPU from each other (default: on with >= 2 CPUs)",
+    )
+
+
+def apply_pinning(enabled: bool) -> str:
+    """Turn pinning on (when asked and there are 2+ CPUs); a line saying what was done."""
+    global _pinning
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2 or shutil.which("taskset") is None:
+        _pinning = None
+        return "not pinned: load generator and servers share every CPU"
+    _pinning = (str(cpus[0]), ",".join(str(c) for c in cpus[1:]))
+    return f"pinned: load generator on CPU {_pinning[0]}, servers on CPU {_pinning[1]}"
+
+
+def server_command(command: list[str]) -> list[str]:
+    """``command`` run on the servers' CPUs when pinning is on."""
+    return ["taskset", "-c", _pinning[1], *command] if _pinning else command
+
+
+def load_command(command: list[str]) -> list[str]:
+    """``command`` run on the load generator's CPU when pinning is on."""
+    return ["taskset", "-c", _pinning[0], *command] if _pinning else command
 
 _PACKAGES = {"h2load": "nghttp2-client", "wrk": "wrk"}
 
@@ -82,9 +115,11 @@ def h2load(
     with tempfile.NamedTemporaryFile(suffix=".log") as log:
         before = cpu_seconds(pid)
         out = subprocess.run(
-            ["h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
-             "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
-             f"--log-file={log.name}", f"http://127.0.0.1:{port}{path}"],
+            load_command([
+                "h2load", "-n", str(requests), "-c", str(clients), "-m", str(streams), "-t", "1",
+                "-d", str(frame_file), "-H", "content-type: application/grpc", "-H", "te: trailers",
+                f"--log-file={log.name}", f"http://127.0.0.1:{port}{path}",
+            ]),
             capture_output=True, text=True, check=True, timeout=300,
         ).stdout
         cpu = cpu_seconds(pid) - before

@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from benchkit import cpu_seconds, free_port, wait_port, wait_ready
+from benchkit import (
+    add_pin_argument,
+    apply_pinning,
+    cpu_seconds,
+    free_port,
+    load_command,
+    server_command,
+    wait_port,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -163,7 +172,8 @@ class Sample:
 def run_load(port: int, pid: int, modes: tuple[str, str], requests: int, concurrency: int) -> Sample:
     before = cpu_seconds(pid)
     out = subprocess.run(
-        [PY, __file__, "--client", str(port), ",".join(modes), str(requests), str(concurrency)],
+        load_command([PY, __file__, "--client", str(port), ",".join(modes), str(requests),
+                      str(concurrency)]),
         capture_output=True, text=True, check=True, timeout=600,
     ).stdout
     cpu = cpu_seconds(pid) - before
@@ -193,11 +203,13 @@ def median_sample(samples: list[Sample]) -> Sample:
 def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, object]:
     modes: tuple[str, str] = CASES[case]["modes"]  # type: ignore[assignment]
     floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
-    floor = subprocess.Popen([PY, str(ROOT / "bench" / "extproc_floor.py"), str(floor_port)])
+    floor = subprocess.Popen(
+        server_command([PY, str(ROOT / "bench" / "extproc_floor.py"), str(floor_port)])
+    )
     ext = subprocess.Popen(
-        [PY, "-m", "extsvc", "serve", "--config", str(write_config(workdir, case)),
-         "--grpc-address", f"127.0.0.1:{ext_port}", "--admin-address", f"127.0.0.1:{admin_port}",
-         "--log-level", "WARNING"],
+        server_command([PY, "-m", "extsvc", "serve", "--config", str(write_config(workdir, case)),
+                        "--grpc-address", f"127.0.0.1:{ext_port}",
+                        "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "WARNING"]),
         cwd=workdir,
     )
     try:
@@ -253,12 +265,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32, help="streams in flight")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    add_pin_argument(parser)
     args = parser.parse_args()
+    pinning = apply_pinning(args.pin)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-extproc-bench-") as tmp:
         for case in args.case or list(CASES):
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, Path(tmp), args))
+    print(pinning)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, default=vars, indent=2))

@@ -24,7 +24,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import Sample, cpu_seconds, free_port, h2load, median_sample, wait_port, wait_ready
+from benchkit import (
+    Sample,
+    add_pin_argument,
+    apply_pinning,
+    cpu_seconds,
+    free_port,
+    h2load,
+    median_sample,
+    server_command,
+    wait_port,
+    wait_ready,
+)
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from floorkit import serve_floor
@@ -135,17 +146,18 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
     redis_port = None
     if case == "redis":
         redis_port = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        redis = subprocess.Popen(  # on the servers' CPUs: its work is part of the RPC's cost
+            server_command(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no"]), stdout=subprocess.DEVNULL,
         )
         wait_port(redis_port)
     floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
-    floor = subprocess.Popen([PY, __file__, "--serve-floor", str(floor_port)])
+    floor = subprocess.Popen(server_command([PY, __file__, "--serve-floor", str(floor_port)]))
     ext = subprocess.Popen(
-        [PY, "-m", "extsvc", "serve", "--config", str(write_config(workdir, case, redis_port)),
-         "--grpc-address", f"127.0.0.1:{ext_port}", "--admin-address", f"127.0.0.1:{admin_port}",
-         "--log-level", "WARNING"],
+        server_command([PY, "-m", "extsvc", "serve", "--config",
+                        str(write_config(workdir, case, redis_port)),
+                        "--grpc-address", f"127.0.0.1:{ext_port}",
+                        "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "WARNING"]),
         cwd=workdir,
     )
     try:
@@ -213,6 +225,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
+    add_pin_argument(parser)
     args = parser.parse_args()
     if args.serve_floor:
         run_floor(args.serve_floor)
@@ -222,11 +235,13 @@ def main() -> int:
         print(f"missing tools: {', '.join(missing)} (apt-get install nghttp2-client redis-server)",
               file=sys.stderr)
         return 2
+    pinning = apply_pinning(args.pin)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-rl-bench-") as tmp:
         for case in args.case or CASES:
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, Path(tmp), args))
+    print(pinning)
     print_table(results)
     return 0
 
