@@ -31,6 +31,7 @@ from benchkit import (
     cpu_seconds,
     free_port,
     h2load,
+    load_command,
     median_sample,
     server_command,
     wait_port,
@@ -146,9 +147,12 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
     redis_port = None
     if case == "redis":
         redis_port = free_port()
-        redis = subprocess.Popen(  # on the servers' CPUs: its work is part of the RPC's cost
-            server_command(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                            "--save", "", "--appendonly", "no"]), stdout=subprocess.DEVNULL,
+        # Where redis-server runs when pinned: with the load generator (default: Redis is another
+        # host in production, so its CPU is not the server's), or with the servers.
+        place = server_command if args.redis_cpu == "server" else load_command
+        redis = subprocess.Popen(
+            place(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                   "--save", "", "--appendonly", "no"]), stdout=subprocess.DEVNULL,
         )
         wait_port(redis_port)
     floor_port, ext_port, admin_port = free_port(), free_port(), free_port()
@@ -226,6 +230,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     add_pin_argument(parser)
+    parser.add_argument(
+        "--redis-cpu", choices=("load", "server"), default="load",
+        help="with --pin: run redis-server on the load generator's CPU (as if on another host, "
+             "the default) or on the servers' CPU (its work then counts against extsvc)",
+    )
     args = parser.parse_args()
     if args.serve_floor:
         run_floor(args.serve_floor)
@@ -241,7 +250,7 @@ def main() -> int:
         for case in args.case or CASES:
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, Path(tmp), args))
-    print(pinning)
+    print(pinning + (f"; redis-server on the {args.redis_cpu} CPU" if "pinned:" in pinning else ""))
     print_table(results)
     return 0
 
