@@ -145,6 +145,16 @@ class ExtprocPolicies:
         self.config = config
         self.policies = dict(policies)
         self.processors = processors
+        default = config.default_policy
+        #: whether the call's authority can change the answer of select(); when not, reading it
+        #: (the call's metadata, per stream) is skipped
+        self.authority_matters = (
+            bool(config.policy_attribute)
+            or config.policy_metadata is not None
+            or bool(config.policy_header)
+            or any(name != default for name in self.policies)
+            or any(name != default for name in config.authority_policies.values())
+        )
 
     def select(
         self, authority: Callable[[], str], exchange: Exchange
@@ -155,7 +165,7 @@ class ExtprocPolicies:
         """
         config = self.config
         name: str | None = None
-        host = authority()
+        host = authority() if self.authority_matters else ""
         if host:
             name = config.authority_policies.get(host)
             if name is None and host in self.policies:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from extsvc.extproc.stream import ProtocolError
+from extsvc.config.compile import compile_config, parse
+from extsvc.extproc.stream import ExtprocStream, ProtocolError
+from extsvc.observability.metrics import Metrics
+from extsvc.plugin.host import PluginHost
 from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
 
 from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers, which
@@ -485,3 +488,36 @@ async def test_no_extproc_section_fails_closed() -> None:
     [answer] = await stream.feed(headers_message(POST))
     assert answer.immediate_response.status.code == 500
     assert answer.immediate_response.details == "extsvc: no ext_proc policy chosen"
+
+
+@pytest.mark.parametrize(
+    ("config", "matters"),
+    [
+        (SELECT, True),
+        ("extproc: {default_policy: only, policies: {only: {processors: []}}}", False),
+        ("extproc: {default_policy: only, authority_policies: {a.example: only},"
+         " policies: {only: {processors: []}}}", False),
+        ("extproc: {default_policy: only, policy_header: x-p, policies: {only: {processors: []}}}",
+         True),  # the header may name an unknown policy: the authority's answer would win
+        ("extproc: {policies: {only: {processors: []}}}", True),  # no default: only:9001 -> only
+    ],
+)
+async def test_the_authority_is_read_only_when_it_can_change_the_policy(
+    config: str, matters: bool
+) -> None:
+    """Reading the call's authority (its metadata) per stream is skipped when no authority could
+    change which policy is chosen."""
+    calls: list[int] = []
+
+    def authority() -> str:
+        calls.append(1)
+        return "only"
+
+    runtime = await compile_config(parse(config), PluginHost.create(load_entry_points=False), Metrics())
+    assert runtime.extproc is not None
+    assert runtime.extproc.authority_matters is matters
+    stream = ExtprocStream(runtime.extproc, authority=authority)
+    await stream.feed(headers_message(POST))
+    assert bool(calls) is matters
+    if not matters:
+        assert stream.policy_name == "only"
