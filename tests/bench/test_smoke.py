@@ -1,0 +1,53 @@
+"""The benchmarks still run: each one, tiny, once (the figures are not checked, only the shape).
+
+Benchmarks are not timed tests (docs/performance.md); this keeps the scripts from rotting between
+the runs that measure.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240,
+        cwd=BENCH,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def ratio_of(out: str, case: str) -> float:
+    match = re.search(rf"^\| {case} \| extsvc \|.*\*\*([0-9.]+)\*\*", out, re.MULTILINE)
+    assert match, out
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_authz_bench() -> None:
+    out = run("authz_bench.py", "--requests", "300", "--rounds", "1", "--case", "allow-all")
+    assert ratio_of(out, "allow-all") > 0
+    assert "pinned" in out  # says how the CPUs were used
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_ratelimit_bench() -> None:
+    out = run("ratelimit_bench.py", "--requests", "300", "--rounds", "1")
+    assert ratio_of(out, "memory") > 0 and ratio_of(out, "redis") > 0
+    assert re.search(r"^\| redis \| extsvc \|.*\| 1\.000 \|", out, re.MULTILINE), out
+
+
+@pytest.mark.slow
+def test_extproc_bench() -> None:
+    out = run("extproc_bench.py", "--requests", "100", "--rounds", "1", "--case", "override")
+    assert ratio_of(out, "override") > 0
+    assert re.search(r"^\| override \| extsvc \| [0-9,]+ \|[^|]+\|[^|]+\| 1\.0 \|", out, re.MULTILINE), out
