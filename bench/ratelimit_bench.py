@@ -130,11 +130,12 @@ def check_answer(port: int) -> None:
         raise RuntimeError(f"unexpected answer to the bench request: {answer}")
 
 
-def write_config(workdir: Path, case: str, redis_port: int | None) -> Path:
+def write_config(workdir: Path, case: str, redis_port: int | None, window_us: int = 0) -> Path:
     (workdir / "domains").mkdir(exist_ok=True)
     (workdir / "domains" / "bench.yaml").write_text(DOMAIN)
     store = "{type: memory}" if case == "memory" else \
-        f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}/0', pool: 64}}"
+        f"{{type: redis, url: 'redis://127.0.0.1:{redis_port}/0', pool: 64, " \
+        f"pipeline_window_us: {window_us}}}"
     path = workdir / f"{case}.yaml"
     path.write_text(f"version: 1\nratelimit:\n  config_dir: domains\n  store: {store}\n")
     return path
@@ -159,7 +160,7 @@ def run_case(case: str, workdir: Path, args: argparse.Namespace) -> dict[str, ob
     floor = subprocess.Popen(server_command([PY, __file__, "--serve-floor", str(floor_port)]))
     ext = subprocess.Popen(
         server_command([PY, "-m", "extsvc", "serve", "--config",
-                        str(write_config(workdir, case, redis_port)),
+                        str(write_config(workdir, case, redis_port, args.pipeline_window_us)),
                         "--grpc-address", f"127.0.0.1:{ext_port}",
                         "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "WARNING"]),
         cwd=workdir,
@@ -231,6 +232,10 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     add_pin_argument(parser)
     parser.add_argument(
+        "--pipeline-window-us", type=int, default=0,
+        help="the Redis store's pipeline_window_us (default 0, the store's default: off)",
+    )
+    parser.add_argument(
         "--redis-cpu", choices=("load", "server"), default="load",
         help="with --pin: run redis-server on the load generator's CPU (as if on another host, "
              "the default) or on the servers' CPU (its work then counts against extsvc)",
@@ -250,7 +255,8 @@ def main() -> int:
         for case in args.case or CASES:
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, Path(tmp), args))
-    print(pinning + (f"; redis-server on the {args.redis_cpu} CPU" if "pinned:" in pinning else ""))
+    print(pinning + (f"; redis-server on the {args.redis_cpu} CPU" if "pinned:" in pinning else "")
+          + f"; Redis store pipeline_window_us: {args.pipeline_window_us}")
     print_table(results)
     return 0
 

@@ -58,7 +58,9 @@ class StoreType(StrEnum):
 
 
 #: Settings of the Redis stores: with ``type: plugin`` they belong in the plugin's ``config``.
-_REDIS_ONLY = ("url", "urls", "password_file", "pool", "timeout_ms")
+_REDIS_ONLY = (
+    "url", "urls", "password_file", "pool", "timeout_ms", "pipeline_window_us", "pipeline_limit",
+)
 
 
 class StoreSettings(_Model):
@@ -88,6 +90,15 @@ class StoreSettings(_Model):
         "(one script call per request on a cluster, at the price of one node per domain)",
     )
     timeout_ms: float = Field(100, gt=0, le=60_000, description="upper bound of one store call")
+    pipeline_window_us: int = Field(
+        0, ge=0, le=100_000,
+        description="redis: hold a request's command up to this long so that concurrent requests "
+        "share one write and one read (envoyproxy/ratelimit's REDIS_PIPELINE_WINDOW); 0: send "
+        "at the next event-loop turn",
+    )
+    pipeline_limit: int = Field(
+        64, ge=1, le=10_000, description="redis: with a window, send once this many are held"
+    )
 
     @model_validator(mode="after")
     def _needs_address(self) -> StoreSettings:
@@ -106,6 +117,8 @@ class StoreSettings(_Model):
             raise ValueError(f"store type {self.type.value} needs url or urls")
         if self.type is StoreType.REDIS and self.urls:
             raise ValueError("urls is for redis-cluster; use url for a single Redis")
+        if self.type is not StoreType.REDIS and self.pipeline_window_us:
+            raise ValueError("pipeline_window_us applies to type redis only")
         return self
 
 

@@ -145,3 +145,98 @@ def test_the_scripts_reply_shape_and_mixed_arrays() -> None:
     assert parse(mixed, 0) == ([[1, b"ab"], None], len(mixed))
     error, end = parse(b"-NOSCRIPT No matching script\r\n", 0)
     assert isinstance(error, RespError) and end == 30
+
+
+# -- the pipeline window ----------------------------------------------------------------------------
+
+
+class _Pong:
+    """A server answering PING with +PONG, recording how the commands arrived (one item per read)."""
+
+    def __init__(self) -> None:
+        self.reads: list[int] = []  # PINGs per read
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            count = data.count(b"PING")
+            self.reads.append(count)
+            writer.write(b"+PONG\r\n" * count)
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def pong() -> AsyncIterator[tuple[_Pong, int]]:
+    recorder = _Pong()
+    server = await asyncio.start_server(recorder.serve, "127.0.0.1", 0)
+    yield recorder, server.sockets[0].getsockname()[1]
+    server.close()
+
+
+async def _pings_turns_apart(client: PipelinedRedis, count: int, recorder: _Pong) -> list[object]:
+    assert await client.call("PING") == "PONG"  # connected (commands issued while connecting
+    recorder.reads.clear()                       # leave together whatever the window)
+    calls = []
+    for _ in range(count):
+        calls.append(asyncio.ensure_future(client.call("PING")))
+        for _ in range(3):  # a few event-loop turns between requests, as under load
+            await asyncio.sleep(0)
+    return list(await asyncio.gather(*calls))
+
+
+async def test_without_a_window_each_turns_commands_leave_at_once(pong: tuple[_Pong, int]) -> None:
+    recorder, port = pong
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}", timeout_s=2.0)
+    try:
+        assert await _pings_turns_apart(client, 3, recorder) == ["PONG"] * 3
+        assert recorder.reads == [1, 1, 1]
+    finally:
+        await client.aclose()
+
+
+async def test_a_window_lets_requests_of_later_turns_share_a_write(pong: tuple[_Pong, int]) -> None:
+    recorder, port = pong
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}", timeout_s=2.0, pipeline_window_s=0.05)
+    try:
+        assert await _pings_turns_apart(client, 3, recorder) == ["PONG"] * 3
+        assert recorder.reads == [3]
+    finally:
+        await client.aclose()
+
+
+async def test_a_full_pipeline_leaves_before_the_window_closes(pong: tuple[_Pong, int]) -> None:
+    recorder, port = pong
+    client = PipelinedRedis(
+        f"redis://127.0.0.1:{port}", timeout_s=5.0, pipeline_window_s=1.0, pipeline_limit=2
+    )
+    try:
+        assert await client.call("PING") == "PONG"  # connected (after one window)
+        recorder.reads.clear()
+        started = time.monotonic()
+        calls = [asyncio.ensure_future(client.call("PING"))]
+        await asyncio.sleep(0)
+        calls.append(asyncio.ensure_future(client.call("PING")))
+        assert await asyncio.gather(*calls) == ["PONG"] * 2
+        assert time.monotonic() - started < 0.5  # the limit, not the 1 s window, sent them
+        assert recorder.reads == [2]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"type": "redis-cluster", "urls": ["redis://a:1"], "pipeline_window_us": 200},
+         "pipeline_window_us applies to type redis only"),
+        ({"type": "memory", "pipeline_window_us": 200}, "pipeline_window_us applies to type redis"),
+        ({"type": "redis", "url": "redis://a:1", "pipeline_window_us": -1}, "greater than or equal"),
+    ],
+)
+def test_pipeline_settings_are_checked(settings: dict[str, object], message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        StoreSettings.model_validate(settings)
+    assert StoreSettings.model_validate(
+        {"type": "redis", "url": "redis://a:1", "pipeline_window_us": 300}
+    ).pipeline_window_us == 300

@@ -170,7 +170,9 @@ class RedisStore:
             if settings.password_file is not None else None
         )
         self._client = PipelinedRedis(
-            settings.url, timeout_s=settings.timeout_ms / 1000, password=password
+            settings.url, timeout_s=settings.timeout_ms / 1000, password=password,
+            pipeline_window_s=settings.pipeline_window_us / 1_000_000,
+            pipeline_limit=settings.pipeline_limit,
         )
 
     async def apply(self, ops: Sequence[Op]) -> list[tuple[int, int]]:

@@ -113,11 +113,17 @@ def parse(buffer: bytes, pos: int) -> tuple[Reply, int]:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    """:param window_s: how long a command may wait for others to share its write (0: until
+        the next event-loop turn); ``limit``: how many may wait."""
+
+    def __init__(self, window_s: float = 0.0, limit: int = 64) -> None:
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[asyncio.Future[Reply]] = deque()
         self._buffer = b""
         self._outgoing: list[bytes] = []
+        self._window = window_s
+        self._limit = limit
+        self._timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,6 +155,10 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, error: StoreError) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._outgoing = []
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -160,14 +170,27 @@ class _Connection(asyncio.Protocol):
         future: asyncio.Future[Reply] = loop.create_future()
         self.waiting.append(future)
         # Commands issued during one event-loop turn leave in one write (one send() here, one
-        # read and one reply write in Redis), flushed at the start of the next turn.
-        if not self._outgoing:
-            loop.call_soon(self._flush)
-        self._outgoing.append(payload)
+        # read and one reply write in Redis), flushed at the start of the next turn -- or, with
+        # a pipeline window, when the window closes or ``limit`` commands are waiting: requests
+        # arriving one per turn (the usual case) then share writes too, for up to the window's
+        # added latency.
+        outgoing = self._outgoing
+        outgoing.append(payload)
+        if len(outgoing) == 1:
+            if self._window:
+                self._timer = loop.call_later(self._window, self._flush)
+            else:
+                loop.call_soon(self._flush)
+        elif self._timer is not None and len(outgoing) >= self._limit:
+            self._timer.cancel()
+            self._flush()
         return future
 
     def _flush(self) -> None:
+        self._timer = None
         outgoing, self._outgoing = self._outgoing, []
+        if not outgoing:
+            return
         if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
@@ -186,6 +209,8 @@ class PipelinedRedis:
         timeout_s: float,
         password: str | None = None,
         retry_interval_s: float = 0.2,
+        pipeline_window_s: float = 0.0,
+        pipeline_limit: int = 64,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", ""):
@@ -199,6 +224,7 @@ class PipelinedRedis:
         self._db = int(parts.path.strip("/") or 0)
         self._timeout = timeout_s
         self._retry_interval = retry_interval_s
+        self._pipeline = (pipeline_window_s, pipeline_limit)
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._failed_at = -1e9
@@ -216,7 +242,8 @@ class PipelinedRedis:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         transport, conn = await asyncio.wait_for(
-            loop.create_connection(_Connection, self.host, self.port), self._timeout
+            loop.create_connection(lambda: _Connection(*self._pipeline), self.host, self.port),
+            self._timeout,
         )
         with contextlib.suppress(OSError):
             sock = transport.get_extra_info("socket")
