@@ -130,7 +130,7 @@ def check_answer(port: int) -> None:
         raise RuntimeError(f"unexpected answer to the bench request: {answer}")
 
 
-def write_config(workdir: Path, case: str, redis_port: int | None, window_us: int = 0) -> Path:
+def write_config(workdir: Path, case: str, redis_port: int | None, window_us: int = 500) -> Path:
     (workdir / "domains").mkdir(exist_ok=True)
     (workdir / "domains" / "bench.yaml").write_text(DOMAIN)
     store = "{type: memory}" if case == "memory" else \
@@ -232,8 +232,8 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     add_pin_argument(parser)
     parser.add_argument(
-        "--pipeline-window-us", type=int, default=0,
-        help="the Redis store's pipeline_window_us (default 0, the store's default: off)",
+        "--pipeline-window-us", type=int, default=500,
+        help="the Redis store's pipeline_window_us (default 500, the store's default; 0: off)",
     )
     parser.add_argument(
         "--redis-cpu", choices=("load", "server"), default="load",

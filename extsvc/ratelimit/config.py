@@ -91,10 +91,10 @@ class StoreSettings(_Model):
     )
     timeout_ms: float = Field(100, gt=0, le=60_000, description="upper bound of one store call")
     pipeline_window_us: int = Field(
-        0, ge=0, le=100_000,
-        description="redis: hold a request's command up to this long so that concurrent requests "
-        "share one write and one read (envoyproxy/ratelimit's REDIS_PIPELINE_WINDOW); 0: send "
-        "at the next event-loop turn",
+        500, ge=0, le=100_000,
+        description="redis: while writes follow each other closer than this, hold a request's "
+        "command up to this long so that requests share one write and one read (like "
+        "envoyproxy/ratelimit's REDIS_PIPELINE_WINDOW); 0: always send at the next event-loop turn",
     )
     pipeline_limit: int = Field(
         64, ge=1, le=10_000, description="redis: with a window, send once this many are held"
@@ -117,7 +117,7 @@ class StoreSettings(_Model):
             raise ValueError(f"store type {self.type.value} needs url or urls")
         if self.type is StoreType.REDIS and self.urls:
             raise ValueError("urls is for redis-cluster; use url for a single Redis")
-        if self.type is not StoreType.REDIS and self.pipeline_window_us:
+        if self.type is not StoreType.REDIS and "pipeline_window_us" in self.model_fields_set:
             raise ValueError("pipeline_window_us applies to type redis only")
         return self
 

@@ -240,3 +240,21 @@ def test_pipeline_settings_are_checked(settings: dict[str, object], message: str
     assert StoreSettings.model_validate(
         {"type": "redis", "url": "redis://a:1", "pipeline_window_us": 300}
     ).pipeline_window_us == 300
+
+
+async def test_a_quiet_connection_holds_nothing(pong: tuple[_Pong, int]) -> None:
+    """The window applies only while writes follow each other closely (load); a lone request
+    leaves at the next turn."""
+    recorder, port = pong
+    client = PipelinedRedis(f"redis://127.0.0.1:{port}", timeout_s=5.0, pipeline_window_s=0.3)
+    try:
+        started = time.monotonic()
+        assert await client.call("PING") == "PONG"  # the first write ever: not held
+        first = time.monotonic() - started
+        await asyncio.sleep(0.4)  # longer than the window: quiet again
+        lone = time.monotonic()
+        assert await client.call("PING") == "PONG"
+        assert first < 0.25 and time.monotonic() - lone < 0.25
+        assert recorder.reads == [1, 1]
+    finally:
+        await client.aclose()

@@ -113,8 +113,8 @@ def parse(buffer: bytes, pos: int) -> tuple[Reply, int]:
 
 
 class _Connection(asyncio.Protocol):
-    """:param window_s: how long a command may wait for others to share its write (0: until
-        the next event-loop turn); ``limit``: how many may wait."""
+    """:param window_s: how long a command may wait for others to share its write when the
+        connection is busy (0: until the next event-loop turn); ``limit``: how many may wait."""
 
     def __init__(self, window_s: float = 0.0, limit: int = 64) -> None:
         self.transport: asyncio.Transport | None = None
@@ -124,6 +124,7 @@ class _Connection(asyncio.Protocol):
         self._window = window_s
         self._limit = limit
         self._timer: asyncio.TimerHandle | None = None
+        self._last_write = -1e9  # event-loop time of the last write (kept with a window only)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -174,11 +175,14 @@ class _Connection(asyncio.Protocol):
         # a pipeline window, when the window closes or ``limit`` commands are waiting: requests
         # arriving one per turn (the usual case) then share writes too, for up to the window's
         # added latency.
+        # The window only applies while the connection is busy (the previous write left less
+        # than a window ago): a request arriving at a quiet moment is not held at all.
         outgoing = self._outgoing
         outgoing.append(payload)
         if len(outgoing) == 1:
-            if self._window:
-                self._timer = loop.call_later(self._window, self._flush)
+            window = self._window
+            if window and loop.time() - self._last_write < window:
+                self._timer = loop.call_later(window, self._flush)
             else:
                 loop.call_soon(self._flush)
         elif self._timer is not None and len(outgoing) >= self._limit:
@@ -191,6 +195,8 @@ class _Connection(asyncio.Protocol):
         outgoing, self._outgoing = self._outgoing, []
         if not outgoing:
             return
+        if self._window:
+            self._last_write = asyncio.get_running_loop().time()
         if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
