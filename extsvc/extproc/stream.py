@@ -54,6 +54,8 @@ class _Direction:
 
 
 _NOTHING: list[Any] = []
+#: ``[CONTINUE]`` per phase number, shared (callers only iterate answers)
+_CONTINUE_ANSWERS: tuple[list[Any], ...] = tuple([answer] for answer in convert.CONTINUE)
 
 
 class ExtprocStream:
@@ -96,6 +98,13 @@ class ExtprocStream:
 
         :raises ProtocolError: empty message, or a phase out of order.
         """
+        policy = self.policy
+        if policy is not None and not self.finished:
+            phase = convert.PHASE_OF.get(request.WhichOneof("request"))
+            if phase is not None and not phase.is_headers and not policy.needs[phase.number]:
+                answer = self._pass_through(phase, request)
+                if answer is not None:
+                    return answer
         phase = convert.phase_of(request)
         if phase is None:
             raise ProtocolError("empty", "ProcessingRequest without a request (empty oneof)")
@@ -177,6 +186,31 @@ class ExtprocStream:
             return _NOTHING
         self.sent += 1
         return [response]
+
+    def _pass_through(self, phase: Phase, request: Any) -> list[Any] | None:
+        """A body or trailers message no processor of the policy needs: the prebuilt CONTINUE,
+        with the bookkeeping :meth:`feed` would do for it. None: not that simple (full-duplex,
+        observability mode, metadata to take in, a direction that ended or was replaced) --
+        :meth:`feed` then takes it the long way."""
+        direction = self._request if phase.is_request else self._response
+        if (direction.done or direction.replaced or request.observability_mode
+                or request.HasField("metadata_context")):
+            return None
+        exchange = self.exchange
+        if phase.is_body:
+            mode = exchange.request_body_mode if phase.is_request else exchange.response_body_mode
+            if mode is BodyMode.FULL_DUPLEX_STREAMED:
+                return None
+            direction.body_started = True
+            if getattr(request, phase.field).end_of_stream:
+                direction.done = True
+        else:  # trailers end their direction
+            direction.done = True
+        self.received += 1
+        if phase.is_request:
+            exchange.request_done = exchange.clock()
+        self.sent += 1
+        return _CONTINUE_ANSWERS[phase.number]
 
     def _emit(self, response: Any, status: int) -> list[Any]:
         self.immediate_status = status

@@ -521,3 +521,31 @@ async def test_the_authority_is_read_only_when_it_can_change_the_policy(
     assert bool(calls) is matters
     if not matters:
         assert stream.policy_name == "only"
+
+
+HEADERS_ONLY = """
+extproc:
+  default_policy: p
+  policies:
+    p: {mode_override: false, processors: [{plugin: headers, config: {request: {set: {x-a: "1"}}}}]}
+"""
+
+
+async def test_phases_no_processor_needs_pass_through_with_the_same_bookkeeping() -> None:
+    """Body and trailers messages the policy does not need get the prebuilt CONTINUE at once,
+    and still count, end their direction and catch a message after the end."""
+    stream = await stream_for(HEADERS_ONLY)
+    [first] = await stream.feed(headers_message(POST, modes=("buffered", "none")))
+    assert set_headers(common(first).header_mutation) == [("x-a", b"1", False)]
+    [chunk] = await stream.feed(body_message(b'{"a": 1}', end_of_stream=False))
+    assert which(chunk) == "request_body" and not chunk.request_body.HasField("response")
+    [last] = await stream.feed(body_message(b"}", end_of_stream=True))
+    assert which(last) == "request_body"
+    assert (stream.received, stream.sent) == (3, 3)
+    assert stream.exchange.request_done is not None
+    with pytest.raises(ProtocolError, match="after that direction ended"):
+        await stream.feed(body_message(b"again"))
+    [trailers] = await stream.feed(trailers_message({"x-t": "1"}, response=True))
+    assert which(trailers) == "response_trailers"
+    with pytest.raises(ProtocolError, match="after that direction ended"):
+        await stream.feed(trailers_message({"x-t": "2"}, response=True))
