@@ -87,7 +87,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 log.warning("Check before the first config load: answering as an error "
                             "(%d more since the last report)", held)
             return _NOT_READY
-        runtime.inflight += 1  # Runtime.enter(), inlined
+        runtime.enter()
         try:
             remaining = context.time_remaining()
             budget = self._default_timeout if remaining is None else remaining - self._margin

@@ -19,14 +19,13 @@ from hypothesis import strategies as st
 
 from extsvc.observability.metrics import Metrics
 from extsvc.ratelimit.algorithms import Algorithm
-from extsvc.ratelimit.config import Limit, RateLimitSection
+from extsvc.ratelimit.config import Limit
 from extsvc.ratelimit.convert import encode_response, parse_request, to_descriptors, to_response
-from extsvc.ratelimit.limiter import OK_NO_LIMIT, UNLIMITED, Answer, DescriptorRequest, Limiter, Status
-from extsvc.ratelimit.manager import load_domains
-from extsvc.ratelimit.store.memory import MemoryStore
+from extsvc.ratelimit.limiter import OK_NO_LIMIT, UNLIMITED, Answer, DescriptorRequest, Status
 from extsvc.testing import running_server
 
 from .conftest import FakeClock
+from .test_limiter import limiter
 
 Response = rls_pb2.RateLimitResponse
 MAX_UINT32 = 2**32 - 1
@@ -98,16 +97,6 @@ def test_unreadable_bytes_raise_decode_error() -> None:
 
 
 # -- the limiter's fast path -----------------------------------------------------------------
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def limiter(clock: FakeClock, metrics: Metrics) -> Limiter:
-    config = RateLimitSection(config_dir=Path("docs/ratelimit"))
-    domains, problems = load_domains(config, ROOT)
-    assert problems == []
-    return Limiter(config, domains, MemoryStore(clock), metrics, clock=clock)
-
 
 def _limited_series(metrics: Metrics) -> list[tuple[str, list[tuple[str, str]], float]]:
     return sorted(
