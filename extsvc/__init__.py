@@ -13,7 +13,14 @@ from extsvc.authz.model import (
     ResponseHeaderAction,
 )
 from extsvc.errors import ConfigError, ExtsvcError, PluginError, StoreError
-from extsvc.extproc.model import BodyMode, Exchange, HttpMessage, Phase, Processor
+from extsvc.extproc.model import (
+    BodyMode,
+    Exchange,
+    HeaderChanges,
+    HttpMessage,
+    Phase,
+    Processor,
+)
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.markers import hookimpl, hookspec
 from extsvc.plugin.protocols import Authorizer, Closable, IdentitySource, Startable
@@ -34,6 +41,7 @@ __all__ = [
     "Decision",
     "Exchange",
     "ExtsvcError",
+    "HeaderChanges",
     "HeaderName",
     "HeaderValue",
     "HttpMessage",

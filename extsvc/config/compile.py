@@ -16,7 +16,7 @@ from extsvc.authz.pipeline import CompiledPolicy, CompiledStep
 from extsvc.config.model import AuthzPolicy, ExtsvcConfig, Reply
 from extsvc.config.runtime import Runtime
 from extsvc.errors import ConfigError
-from extsvc.extproc.model import declared_phases, hook_name
+from extsvc.extproc.model import HeaderChanges, Phase, declared_phases, hook_name
 from extsvc.extproc.pipeline import CompiledExtprocPolicy, CompiledProcessor, ExtprocPolicies
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.context import PluginContext, PluginMetrics
@@ -220,6 +220,7 @@ async def compile_extproc(
             built.append(processor)
             if start:
                 await _start(processor, f"{where}: processor {step.plugin!r}")
+            fixed = _fixed_headers(processor, phases, f"{where}: processor {step.plugin!r}")
             compiled.append(
                 CompiledProcessor(
                     label=step.label,
@@ -235,6 +236,7 @@ async def compile_extproc(
                     overran=metrics.hot(
                         metrics.extproc_processor_errors.labels(policy_name, step.label, "timeout")
                     ),
+                    fixed=fixed,
                 )
             )
         policies[policy_name] = CompiledExtprocPolicy(
@@ -246,6 +248,28 @@ async def compile_extproc(
             mode_override=policy.mode_override,
         )
     return ExtprocPolicies(config.extproc, policies, tuple(built))
+
+
+def _fixed_headers(
+    processor: object, phases: frozenset[Phase], where: str
+) -> tuple[HeaderChanges | None, ...]:
+    """Per phase, the processor's ``fixed_headers`` answer (headers phases it declares only)."""
+    ask = getattr(processor, "fixed_headers", None)
+    fixed: list[HeaderChanges | None] = []
+    for phase in Phase:
+        changes = None
+        if ask is not None and phase.is_headers and phase in phases:
+            try:
+                changes = ask(phase)
+            except Exception as exc:
+                raise ConfigError(f"{where}: fixed_headers({phase.value}) raised {exc!r}") from exc
+            if changes is not None and not isinstance(changes, HeaderChanges):
+                raise ConfigError(
+                    f"{where}: fixed_headers({phase.value}) returned {type(changes).__name__}, "
+                    "expected HeaderChanges or None"
+                )
+        fixed.append(changes)
+    return tuple(fixed)
 
 
 def _context(

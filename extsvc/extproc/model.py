@@ -411,6 +411,40 @@ def _replay(headers: dict[str, str], ops: Iterable[tuple[Any, ...]]) -> None:
             headers.pop(op[1], None)
 
 
+class HeaderChanges:
+    """Header changes a processor makes in a phase whatever the message (see
+    :meth:`Processor.fixed_headers`). Applied in the order ``remove``, ``set``, ``add``.
+
+    :param set: headers to overwrite (or add).
+    :param add: headers to add another line of (``append: true``).
+    :param remove: headers to remove.
+    """
+
+    __slots__ = ("add", "remove", "set")
+
+    def __init__(
+        self,
+        *,
+        set: Mapping[str, str] | None = None,
+        add: Mapping[str, str] | None = None,
+        remove: Iterable[str] = (),
+    ) -> None:
+        self.set = {name.lower(): str(value) for name, value in (set or {}).items()}
+        self.add = {name.lower(): str(value) for name, value in (add or {}).items()}
+        self.remove = tuple(name.lower() for name in remove)
+
+    def ops(self) -> tuple[tuple[Any, ...], ...]:
+        """The changes as :class:`HttpMessage` records them."""
+        return (
+            *((OP_REMOVE, name) for name in self.remove),
+            *((OP_SET, name, value) for name, value in self.set.items()),
+            *((OP_APPEND, name, value) for name, value in self.add.items()),
+        )
+
+    def __repr__(self) -> str:
+        return f"HeaderChanges(set={self.set!r}, add={self.add!r}, remove={list(self.remove)!r})"
+
+
 class Processor:
     """Base class of ext_proc processors: override the hooks you need.
 
@@ -425,6 +459,17 @@ class Processor:
     """
 
     phases: frozenset[Phase] | None = None
+
+    def fixed_headers(self, phase: Phase, /) -> HeaderChanges | None:
+        """The header changes this processor makes in ``phase`` when they never depend on the
+        message, else ``None`` (the default: the hook runs for every message).
+
+        Asked once per phase when the config is compiled, for the request and response headers
+        phases. When every processor of a policy answers for a phase, extsvc builds that
+        phase's answer once and sends it without calling the hooks (and without timing them:
+        they do not run). Return ``None`` when the changes depend on anything in the message.
+        """
+        return None
 
     async def on_request_headers(self, message: HttpMessage, /) -> None:
         """The request headers (``message.headers``); ``message.end_of_stream`` = no body."""

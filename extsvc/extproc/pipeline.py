@@ -12,7 +12,8 @@ from typing import Any
 
 from extsvc.config.model import ExtprocConfig, ExtprocOnError
 from extsvc.deadline import Deadline, resume
-from extsvc.extproc.model import Exchange, HttpMessage, ImmediateReply, Phase
+from extsvc.extproc import convert
+from extsvc.extproc.model import Exchange, HeaderChanges, HttpMessage, ImmediateReply, Phase
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,21 @@ class CompiledProcessor:
     duration: Any  # prometheus Histogram child {policy, processor}
     raised: Any  # Counter child {reason="exception"}
     overran: Any  # Counter child {reason="timeout"}
+    #: per phase (by ``Phase.number``) what ``fixed_headers`` answered (headers phases only)
+    fixed: tuple[HeaderChanges | None, ...] = (None,) * len(Phase)
+
+
+class FixedAnswer:
+    """A phase every processor of a policy answers with fixed header changes: the changes as
+    ``HttpMessage`` records them, and the ``ProcessingResponse`` carrying them, built once."""
+
+    __slots__ = ("answer", "ops")
+
+    def __init__(self, phase: Phase, changes: tuple[HeaderChanges, ...]) -> None:
+        self.ops = tuple(op for change in changes for op in change.ops())
+        message = HttpMessage(phase, Exchange(clock=float))
+        message.ops.extend(self.ops)
+        self.answer = convert.answer(message)
 
 
 class CompiledExtprocPolicy:
@@ -63,6 +79,17 @@ class CompiledExtprocPolicy:
         self.phases = frozenset(phase for phase in Phase if self.chains[phase.number])
         #: ``needs[phase.number]``: the same as a tuple, for the per-message check
         self.needs = tuple(bool(chain) for chain in self.chains)
+        #: per phase: the prebuilt answer when every processor's changes are fixed (headers
+        #: phases only; see Processor.fixed_headers), else None
+        self.fixed: tuple[FixedAnswer | None, ...] = tuple(
+            FixedAnswer(phase, tuple(c for p, _ in chain if (c := p.fixed[phase.number]) is not None))
+            if phase.is_headers and chain and all(p.fixed[phase.number] is not None for p, _ in chain)
+            else None
+            for phase, chain in zip(Phase, self.chains, strict=True)
+        )
+        #: mode_override answers built from shared answers (fixed or CONTINUE), by
+        #: (answer id, request body mode, response body mode, skip response headers)
+        self.override_memo: dict[tuple[int, Any, Any, bool], Any] = {}
         #: metric children bound at compile time: "streams", "immediate", "errors", and one per phase
         self.counters: Mapping[str, Any] = counters or {}
 

@@ -54,6 +54,7 @@ class _Direction:
 
 
 _NOTHING: list[Any] = []
+_PHASE_OF = convert.PHASE_OF
 #: ``[CONTINUE]`` per phase number, shared (callers only iterate answers)
 _CONTINUE_ANSWERS: tuple[list[Any], ...] = tuple([answer] for answer in convert.CONTINUE)
 
@@ -90,6 +91,8 @@ class ExtprocStream:
         self.sent = 0
         self._started = False
         self._no_wait = False
+        #: the mode_override is decided on the first headers answer (sent there or never)
+        self._override_open = True
         self._request = _Direction()
         self._response = _Direction()
 
@@ -98,16 +101,15 @@ class ExtprocStream:
 
         :raises ProtocolError: empty message, or a phase out of order.
         """
-        policy = self.policy
-        if policy is not None and not self.finished:
-            phase = convert.PHASE_OF.get(request.WhichOneof("request"))
-            if phase is not None and not phase.is_headers and not policy.needs[phase.number]:
-                answer = self._pass_through(phase, request)
-                if answer is not None:
-                    return answer
-        phase = convert.phase_of(request)
+        phase = _PHASE_OF.get(request.WhichOneof("request"))  # an empty oneof gives None
         if phase is None:
             raise ProtocolError("empty", "ProcessingRequest without a request (empty oneof)")
+        policy = self.policy
+        if (policy is not None and not phase.is_headers and not policy.needs[phase.number]
+                and not self.finished):
+            answer = self._pass_through(phase, request)
+            if answer is not None:
+                return answer
         self.received += 1
         if self.finished:
             return _NOTHING
@@ -124,10 +126,11 @@ class ExtprocStream:
                 exchange._response_headers = None
             if len(request.attributes):
                 exchange.add_attributes(request.attributes)
-        metadata = convert.metadata_of(request)
-        if len(metadata):
-            exchange._metadata_raw = metadata
-            exchange._metadata = None
+        if request.HasField("metadata_context"):
+            metadata = convert.metadata_of(request)
+            if len(metadata):
+                exchange._metadata_raw = metadata
+                exchange._metadata = None
 
         if not self._started:
             reply = self._start(request)
@@ -137,16 +140,24 @@ class ExtprocStream:
 
         policy = self.policy
         assert policy is not None
-        observe_only = bool(request.observability_mode)
-        body_mode = (
-            exchange.request_body_mode if phase.is_request else exchange.response_body_mode
-        )
-        duplex = phase.is_body and body_mode is BodyMode.FULL_DUPLEX_STREAMED
+        observe_only = request.observability_mode
+        if phase.is_body:
+            body_mode = (
+                exchange.request_body_mode if phase.is_request else exchange.response_body_mode
+            )
+            duplex = body_mode is BodyMode.FULL_DUPLEX_STREAMED
+        else:
+            body_mode, duplex = BodyMode.NONE, False
         end_of_stream = phase.is_trailers or bool(getattr(inner, "end_of_stream", False))
         if direction.replaced:
             response: Any = _unchanged(phase, inner, duplex)
         elif not policy.needs[phase.number]:
             response = _unchanged(phase, inner, duplex)
+        elif (fixed := policy.fixed[phase.number]) is not None:
+            # Every processor's changes are fixed (headers phases): record them for later
+            # readers (the decoded headers were reset above) and send the prebuilt answer.
+            (exchange._request_ops if phase.is_request else exchange._response_ops).extend(fixed.ops)
+            response = fixed.answer
         else:
             message = HttpMessage(
                 phase,
@@ -178,7 +189,8 @@ class ExtprocStream:
                 )
         if end_of_stream:
             direction.done = True
-        if phase.is_headers and not self.override_sent:
+        if phase.is_headers and self._override_open and response is not None:
+            self._override_open = False  # decided on the stream's first headers answer
             response = self._maybe_override(phase, response)
         if phase.is_request:
             exchange.request_done = exchange.clock()
@@ -252,7 +264,7 @@ class ExtprocStream:
     def _maybe_override(self, phase: Phase, response: Any) -> Any:
         """Add ``mode_override`` to the first headers answer when it saves messages."""
         policy = self.policy
-        if response is None or policy is None or not policy.mode_override or self._no_wait:
+        if policy is None or not policy.mode_override or self._no_wait:
             return response
         exchange = self.exchange
         configured = (exchange.request_body_mode, exchange.response_body_mode)
@@ -266,12 +278,27 @@ class ExtprocStream:
             return response
         self.override_sent = True
         exchange.request_body_mode, exchange.response_body_mode = request_body, response_body
-        return convert.with_mode_override(
-            response,
-            request_body=request_body,
-            response_body=response_body,
-            skip_response_headers=skip_headers,
-        )
+        fixed = policy.fixed[phase.number]
+        if response is not convert.CONTINUE[phase.number] and (
+            fixed is None or response is not fixed.answer
+        ):
+            return convert.with_mode_override(
+                response,
+                request_body=request_body,
+                response_body=response_body,
+                skip_response_headers=skip_headers,
+            )
+        # A shared answer: its mode_override copy is built once per policy and body modes.
+        key = (id(response), request_body, response_body, skip_headers)
+        overridden = policy.override_memo.get(key)
+        if overridden is None:
+            overridden = policy.override_memo[key] = convert.with_mode_override(
+                response,
+                request_body=request_body,
+                response_body=response_body,
+                skip_response_headers=skip_headers,
+            )
+        return overridden
 
 
 def _unchanged(phase: Phase, inner: Any, duplex: bool) -> Any:

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from extsvc import (
+    HeaderChanges,
     HeaderName,
     HeaderValue,
     HttpMessage,
@@ -115,6 +116,12 @@ class Headers(Processor):
                                (Phase.RESPONSE_HEADERS, config.response))
             if not ops.empty
         )
+
+    def fixed_headers(self, phase: Phase, /) -> HeaderChanges | None:
+        ops = self._request if phase is Phase.REQUEST_HEADERS else self._response
+        if ops.rename:  # a rename reads the header's value: it depends on the message
+            return None
+        return HeaderChanges(set=ops.set, add=ops.add, remove=ops.remove)
 
     async def on_request_headers(self, message: HttpMessage, /) -> None:
         _apply(self._request, message)

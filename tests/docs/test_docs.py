@@ -95,6 +95,56 @@ async def test_plugin_test_example_in_docs_passes() -> None:
     await namespace.test_unknown_tenant_is_denied()
 
 
+def _extproc_config(*steps: str) -> str:
+    lines = "".join(f"        - {step}\n" for step in steps)
+    return f"extproc:\n  default_policy: p\n  policies:\n    p:\n      processors:\n{lines}"
+
+
+async def test_processor_example_in_docs_tags_and_denies() -> None:
+    from extsvc.testing.extproc import headers_message, stream_for
+
+    plugin = load_module("docs_tenant_tag", docs_example("tenant_tag"))
+    host = PluginHost.create(load_entry_points=False, extra_plugins=[("docs-tenant-tag", plugin)])
+    config = _extproc_config("{plugin: tenant-tag}")
+    stream = await stream_for(config, host=host)
+    [answer] = await stream.feed(headers_message({":path": "/", "x-tenant": "acme"}))
+    assert answer.request_headers.response.header_mutation.set_headers == []
+    assert answer.dynamic_metadata.fields["extsvc"].struct_value.fields["tenant"].string_value == "acme"
+    [answer] = await stream.feed(headers_message({":status": "200"}, response=True))
+    [option] = answer.response_headers.response.header_mutation.set_headers
+    assert (option.header.key, option.header.raw_value) == ("x-tenant", b"acme")
+    denied = await stream_for(config, host=host)
+    [answer] = await denied.feed(headers_message({":path": "/"}))
+    assert (answer.immediate_response.status.code, answer.immediate_response.details) == (400, "no_tenant")
+
+
+async def test_fixed_headers_example_in_docs_answers_without_its_hook() -> None:
+    from extsvc.testing.extproc import headers_message, stream_for
+
+    plugin = load_module("docs_server_banner", docs_example("server_banner"))
+    calls: list[object] = []
+    hook = plugin.ServerBanner.on_response_headers
+
+    async def counted(self: object, message: object, /) -> None:
+        calls.append(message)
+        await hook(self, message)
+
+    plugin.ServerBanner.on_response_headers = counted
+    host = PluginHost.create(load_entry_points=False, extra_plugins=[("docs-banner", plugin)])
+    answers = []
+    for steps in (["{plugin: server-banner, config: {value: edge}}"],
+                  ["{plugin: server-banner, config: {value: edge}}",
+                   "{plugin: headers, config: {response: {rename: {x-a: x-b}}}}"]):
+        stream = await stream_for(_extproc_config(*steps), host=host)
+        await stream.feed(headers_message({":path": "/"}))
+        [answer] = await stream.feed(headers_message({":status": "200", "server": "up"}, response=True))
+        answers.append(answer.response_headers.response.header_mutation)
+    assert len(calls) == 1  # the first policy is fixed: its hook did not run; the second ran it
+    assert answers[0] == answers[1]
+    assert [(o.header.key, o.header.raw_value) for o in answers[0].set_headers] == [("x-served-by", b"edge")]
+    assert list(answers[0].remove_headers) == ["server"]
+
+
 async def test_limit_store_example_in_docs_serves_the_docs_domains() -> None:
     from extsvc.errors import ConfigError
     from extsvc.ratelimit.limiter import DescriptorRequest

@@ -8,7 +8,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extsvc import HttpMessage, Phase, PluginContext, Processor, ProcessorType, hookimpl
+from extsvc import (
+    HeaderChanges,
+    HttpMessage,
+    Phase,
+    PluginContext,
+    Processor,
+    ProcessorType,
+    hookimpl,
+)
 from extsvc.extproc.stream import ExtprocStream
 from extsvc.plugin.host import PluginHost
 from extsvc.testing.extproc import stream_for
@@ -30,6 +38,11 @@ class ScriptConfig(BaseModel):
     replace: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
     route_cache: bool = False
+    #: answer fixed_headers with set/append/remove (headers phases)
+    fixed: bool = False
+    #: fixed_headers raises / returns something else (config errors)
+    fixed_raises: bool = False
+    fixed_wrong_type: bool = False
 
 
 class Scripted(Processor):
@@ -40,6 +53,16 @@ class Scripted(Processor):
         self.phases = frozenset(config.phases)
         for phase in config.phases:
             setattr(self, f"on_{phase.value}", self._run)
+
+    def fixed_headers(self, phase: Phase, /) -> HeaderChanges | None:
+        c = self.config
+        if c.fixed_raises:
+            raise ValueError("no idea")
+        if c.fixed_wrong_type:
+            return {"x": "y"}  # type: ignore[return-value]
+        if not c.fixed:
+            return None
+        return HeaderChanges(set=c.set, add=c.append, remove=c.remove)
 
     async def _run(self, message: HttpMessage, /) -> None:
         c = self.config
