@@ -29,7 +29,9 @@ import jwt
 import yaml
 from benchkit import (
     Sample,
+    add_loop_arguments,
     add_pin_argument,
+    apply_loops,
     apply_pinning,
     ensure_tools,
     free_port,
@@ -202,9 +204,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (--envoy)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     add_pin_argument(parser)
+    add_loop_arguments(parser)
     args = parser.parse_args()
     ensure_tools("h2load", *(["wrk"] if args.envoy else []))
     pinning = apply_pinning(args.pin)
+    loops = apply_loops(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-bench-") as tmp:
         fx = make_fixture(Path(tmp))
@@ -212,6 +216,7 @@ def main() -> int:
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, fx, args))
         print(pinning)
+        print(loops)
         print_table(results)
         if args.envoy:
             from envoy_bench import run_envoy_case

@@ -21,8 +21,9 @@ from pathlib import Path
 from extsvc.testing.harness import free_port, http_get
 
 __all__ = [
-    "Sample", "add_pin_argument", "apply_pinning", "cpu_seconds", "ensure_tools", "free_port",
-    "h2load", "load_command", "median_sample", "server_command", "wait_port", "wait_ready",
+    "Sample", "add_loop_arguments", "add_pin_argument", "apply_loops", "apply_pinning",
+    "cpu_seconds", "ensure_tools", "free_port", "h2load", "load_command", "median_sample",
+    "server_command", "wait_port", "wait_ready",
 ]
 
 #: (load generator CPUs, server CPUs) for ``taskset -c`` while pinning is on, else None
@@ -46,6 +47,27 @@ def apply_pinning(enabled: bool) -> str:
         return "not pinned: load generator and servers share every CPU"
     _pinning = (str(cpus[0]), ",".join(str(c) for c in cpus[1:]))
     return f"pinned: load generator on CPU {_pinning[0]}, servers on CPU {_pinning[1]}"
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+        help="extsvc's event loop (its event_loop setting; default auto = uvloop)",
+    )
+    parser.add_argument(
+        "--floor-loop", choices=("asyncio", "uvloop"), default="asyncio",
+        help="the floor's event loop (default asyncio: a bare grpc.aio server as it comes)",
+    )
+
+
+def apply_loops(args: argparse.Namespace) -> str:
+    """Hand the loop choices to the servers started from here (environment); a line saying so."""
+    from floorkit import FLOOR_LOOP_ENV
+
+    os.environ["EXTSVC_EVENT_LOOP"] = args.event_loop
+    os.environ[FLOOR_LOOP_ENV] = args.floor_loop
+    extsvc = "uvloop (auto)" if args.event_loop == "auto" else args.event_loop
+    return f"event loops: extsvc {extsvc}, floor {args.floor_loop}"
 
 
 def server_command(command: list[str]) -> list[str]:

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import yaml
 from benchkit import (
+    add_loop_arguments,
     add_pin_argument,
+    apply_loops,
     apply_pinning,
     cpu_seconds,
     free_port,
@@ -266,14 +268,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="streams in flight")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     add_pin_argument(parser)
+    add_loop_arguments(parser)
     args = parser.parse_args()
     pinning = apply_pinning(args.pin)
+    loops = apply_loops(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-extproc-bench-") as tmp:
         for case in args.case or list(CASES):
             print(f"running {case} ...", file=sys.stderr)
             results.append(run_case(case, Path(tmp), args))
     print(pinning)
+    print(loops)
     print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, default=vars, indent=2))

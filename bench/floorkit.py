@@ -7,11 +7,15 @@ server with the generated registration, exactly what the benchmarks compare agai
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+
+#: the floor's event loop, set by the benchmark driver (``--floor-loop``)
+FLOOR_LOOP_ENV = "EXTSVC_BENCH_FLOOR_LOOP"
 
 
 def serve_floor(
@@ -31,4 +35,11 @@ def serve_floor(
         await stop.wait()
         await server.stop(0)
 
-    asyncio.run(main())
+    # The bench's --floor-loop (benchkit.apply_loops): asyncio's own loop unless uvloop is asked.
+    if os.environ.get(FLOOR_LOOP_ENV, "asyncio") == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+    else:
+        asyncio.run(main())

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from benchkit import (
     Sample,
+    add_loop_arguments,
     add_pin_argument,
+    apply_loops,
     apply_pinning,
     cpu_seconds,
     free_port,
@@ -231,6 +233,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--streams", type=int, default=8, help="concurrent streams per client")
     add_pin_argument(parser)
+    add_loop_arguments(parser)
     parser.add_argument(
         "--pipeline-window-us", type=int, default=500,
         help="the Redis store's pipeline_window_us (default 500, the store's default; 0: off)",
@@ -250,6 +253,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     pinning = apply_pinning(args.pin)
+    loops = apply_loops(args)
     results = []
     with tempfile.TemporaryDirectory(prefix="extsvc-rl-bench-") as tmp:
         for case in args.case or CASES:
@@ -257,6 +261,7 @@ def main() -> int:
             results.append(run_case(case, Path(tmp), args))
     print(pinning + (f"; redis-server on the {args.redis_cpu} CPU" if "pinned:" in pinning else "")
           + f"; Redis store pipeline_window_us: {args.pipeline_window_us}")
+    print(loops)
     print_table(results)
     return 0
 

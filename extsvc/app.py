@@ -31,6 +31,7 @@ from extsvc.config.provider import (
     embedded_default_dir,
 )
 from extsvc.config.runtime import Runtime, RuntimeHolder
+from extsvc.eventloop import running_loop_name
 from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
 from extsvc.observability.admin import AdminServer
@@ -94,6 +95,7 @@ class ExtsvcServer:
         runtime = self.holder.current
         return {
             "pid": os.getpid(),
+            "event_loop": running_loop_name(),
             "ready": self.health.ready,
             "config": str(self.settings.config or "<embedded default>"),
             "generation": runtime.generation if runtime else 0,
@@ -165,10 +167,10 @@ class ExtsvcServer:
         await server.start()
         self._server = server
         log.info(
-            "serving gRPC on %s (port %d, %s), admin on %s",
+            "serving gRPC on %s (port %d, %s), admin on %s, event loop %s",
             s.grpc_address, self.grpc_port,
             "mTLS" if s.tls_client_ca_file else "TLS" if s.tls_cert_file else "plaintext",
-            s.admin_address.rsplit(":", 1)[0] + f":{self.admin_port}",
+            s.admin_address.rsplit(":", 1)[0] + f":{self.admin_port}", running_loop_name(),
         )
 
         if s.config is None:

@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", dest="tls_key_file", type=Path)
     serve.add_argument("--tls-client-ca", dest="tls_client_ca_file", type=Path,
                        help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                       help="auto (default): uvloop when installed, else asyncio")
     serve.add_argument("--log-level")
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -94,11 +96,12 @@ def _serve(args: argparse.Namespace, raw_args: list[str]) -> int:
         passthrough = _without_workers(raw_args)
         return supervise(passthrough, settings.workers)
 
+    from extsvc import eventloop
     from extsvc.app import ExtsvcServer
 
     try:
         server = ExtsvcServer(settings, reuse_port=args.reuse_port)
-        asyncio.run(server.run())
+        eventloop.run(server.run(), settings.event_loop)
     except (PluginError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -33,6 +33,9 @@ class Settings(BaseModel):
     default_timeout_ms: float = Field(
         1000.0, gt=0, description="step deadline when Envoy sends none"
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="auto = uvloop when installed (it is on Linux and macOS), else asyncio"
+    )
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     plugins_allow: tuple[str, ...] | None = Field(

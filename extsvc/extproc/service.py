@@ -17,6 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from extsvc.authz.service import call_authority
 from extsvc.config.runtime import RuntimeHolder
+from extsvc.extproc.model import HttpMessage
 from extsvc.extproc.stream import ExtprocStream, ProtocolError
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
@@ -52,7 +53,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         outcome = "ok"
         between = True
         try:
-            read, write = context.read, context.write
+            read, write, step = context.read, context.write, stream.step
             eof = grpc.aio.EOF
             while True:
                 between = True
@@ -60,8 +61,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if request is eof:
                     break
                 between = False
-                answers = await stream.feed(request)
-                if stream.unknown_policy and stream.received == 1:
+                answers: Any = step(request)
+                if answers.__class__ is HttpMessage:  # the policy's processors run on it
+                    await stream.policy.run(answers)  # type: ignore[union-attr]
+                    answers = stream.finish(answers)
+                elif stream.unknown_policy and stream.received == 1:
                     held = self._throttle.allow(f"policy:{stream.policy_name[:64]}")
                     if held is not None:
                         log.warning(

@@ -44,19 +44,25 @@ class ProtocolError(Exception):
 
 
 class _Direction:
-    __slots__ = ("body_started", "done", "headers_seen", "replaced")
+    """One direction's progress (class-level defaults: made twice per stream, cheaply)."""
 
-    def __init__(self) -> None:
-        self.headers_seen = False
-        self.body_started = False
-        self.done = False
-        self.replaced = False
+    headers_seen = False
+    body_started = False
+    done = False
+    replaced = False
 
 
 _NOTHING: list[Any] = []
 _PHASE_OF = convert.PHASE_OF
 #: ``[CONTINUE]`` per phase number, shared (callers only iterate answers)
 _CONTINUE_ANSWERS: tuple[list[Any], ...] = tuple([answer] for answer in convert.CONTINUE)
+
+
+class _StreamExchange(Exchange):
+    """An Exchange decoding protobuf headers and structs (set once, not per stream)."""
+
+    _decode = staticmethod(convert.decode_headers)
+    _decode_struct = staticmethod(convert.decode_struct_map)
 
 
 class ExtprocStream:
@@ -67,6 +73,24 @@ class ExtprocStream:
     :param clock: monotonic seconds (tests pass a fake one).
     """
 
+    # Class-level defaults (a stream is made per HTTP request; an instance stores what changes).
+    policy: CompiledExtprocPolicy | None = None
+    policy_name = ""
+    #: set when no policy could be chosen (the stream was answered with an error reply)
+    unknown_policy = False
+    #: an immediate response was sent: Envoy closes the stream and ignores later answers
+    finished = False
+    immediate_status: int | None = None
+    override_sent = False
+    received = 0
+    sent = 0
+    _started = False
+    _no_wait = False
+    #: the mode_override is decided on the first headers answer (sent there or never)
+    _override_open = True
+    #: what finish() needs of the message step() handed out
+    _pending: tuple[_Direction, bool, bool, BodyMode, bool] | None = None
+
     def __init__(
         self,
         policies: ExtprocPolicies | None,
@@ -76,28 +100,26 @@ class ExtprocStream:
     ) -> None:
         self._policies = policies
         self._authority = authority
-        self.exchange = Exchange(
-            clock=clock, decode=convert.decode_headers, decode_struct=convert.decode_struct_map
-        )
-        self.policy: CompiledExtprocPolicy | None = None
-        self.policy_name = ""
-        #: set when no policy could be chosen (the stream was answered with an error reply)
-        self.unknown_policy = False
-        #: an immediate response was sent: Envoy closes the stream and ignores later answers
-        self.finished = False
-        self.immediate_status: int | None = None
-        self.override_sent = False
-        self.received = 0
-        self.sent = 0
-        self._started = False
-        self._no_wait = False
-        #: the mode_override is decided on the first headers answer (sent there or never)
-        self._override_open = True
+        self.exchange: Exchange = _StreamExchange(clock=clock)
         self._request = _Direction()
         self._response = _Direction()
 
     async def feed(self, request: Any) -> list[Any]:
         """Process one ``ProcessingRequest``; the answers to send, in order (often exactly one).
+
+        :raises ProtocolError: empty message, or a phase out of order.
+        """
+        out = self.step(request)
+        if out.__class__ is HttpMessage:
+            await self.policy.run(out)  # type: ignore[union-attr]
+            return self.finish(out)
+        return out  # type: ignore[return-value]
+
+    def step(self, request: Any) -> list[Any] | HttpMessage:
+        """:meth:`feed` without awaiting: the answers, or -- when the policy's processors must
+        run -- the :class:`HttpMessage` to run them on (``await stream.policy.run(message)``),
+        then :meth:`finish` gives the answers. The gRPC adapter calls these two (no coroutine
+        per message when no processor runs).
 
         :raises ProtocolError: empty message, or a phase out of order.
         """
@@ -166,33 +188,49 @@ class ExtprocStream:
                 end_of_stream=end_of_stream,
                 raw_trailers=inner.trailers if phase.is_trailers else None,
             )
-            await policy.run(message)
-            if message.reply is not None:
-                if observe_only:
-                    return _NOTHING
-                self.finished = True
-                return self._emit(convert.immediate(message.reply), message.reply.status)
-            if message.replace_requested:
-                direction.replaced = True
-            if duplex and not message.body and not end_of_stream:
-                response = None  # nothing to pass on for this chunk yet
-            else:
-                response = convert.answer(
-                    message,
-                    content_length=(
-                        phase.is_body
-                        and body_mode is BodyMode.BUFFERED
-                        and direction.headers_seen
-                        and "content-length" in message.headers
-                    ),
-                    streamed=duplex,
-                )
+            self._pending = (direction, observe_only, duplex, body_mode, end_of_stream)
+            return message
+        return self._answered(phase, direction, response, end_of_stream, observe_only)
+
+    def finish(self, message: HttpMessage) -> list[Any]:
+        """The answers to a message :meth:`step` handed out, after its processors ran."""
+        assert self._pending is not None
+        direction, observe_only, duplex, body_mode, end_of_stream = self._pending
+        phase = message.phase
+        if message.reply is not None:
+            if observe_only:
+                return _NOTHING
+            self.finished = True
+            return self._emit(convert.immediate(message.reply), message.reply.status)
+        if message.replace_requested:
+            direction.replaced = True
+        response: Any
+        if duplex and not message.body and not end_of_stream:
+            response = None  # nothing to pass on for this chunk yet
+        else:
+            response = convert.answer(
+                message,
+                content_length=(
+                    phase.is_body
+                    and body_mode is BodyMode.BUFFERED
+                    and direction.headers_seen
+                    and "content-length" in message.headers
+                ),
+                streamed=duplex,
+            )
+        return self._answered(phase, direction, response, end_of_stream, observe_only)
+
+    def _answered(
+        self, phase: Phase, direction: _Direction, response: Any, end_of_stream: bool,
+        observe_only: bool,
+    ) -> list[Any]:
         if end_of_stream:
             direction.done = True
         if phase.is_headers and self._override_open and response is not None:
             self._override_open = False  # decided on the stream's first headers answer
             response = self._maybe_override(phase, response)
         if phase.is_request:
+            exchange = self.exchange
             exchange.request_done = exchange.clock()
         if observe_only or response is None:
             return _NOTHING

@@ -141,6 +141,35 @@ def test_a_busy_port_fails_start_up_without_restarts(
     assert "Traceback" not in proc.log
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [((), {}, "uvloop"),
+     (("--event-loop", "asyncio"), {}, "asyncio"),
+     ((), {"EXTSVC_EVENT_LOOP": "asyncio"}, "asyncio"),
+     (("--event-loop", "uvloop"), {"EXTSVC_EVENT_LOOP": "asyncio"}, "uvloop")],
+)
+def test_serve_runs_on_uvloop_unless_asked_otherwise(
+    spawn: Callable[..., Proc], args: tuple[str, ...], env: dict[str, str], expected: str
+) -> None:
+    proc = spawn(*args, env=env)
+    proc.wait_ready()
+    assert proc.admin("/status").json()["event_loop"] == expected
+    assert f"event loop {expected}" in proc.log
+    with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
+        answer = external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+            check_request("/public/x"), timeout=5
+        )
+    assert answer.status.code == 0  # the embedded demo allows it: the loop serves
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.popen.wait(10) == 0
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_setting(spawn: Callable[..., Proc]) -> None:
+    proc = spawn(env={"EXTSVC_EVENT_LOOP": "trio"})
+    assert proc.popen.wait(15) == 2
+    assert "invalid settings" in proc.log and "event_loop" in proc.log
+
+
 def test_two_workers_share_the_port_all_answer_and_all_exit_0_on_sigterm(
     spawn: Callable[..., Proc], tmp_path: Path
 ) -> None:
