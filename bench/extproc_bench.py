@@ -9,6 +9,8 @@ stream (client -> server), server CPU per stream, and the extsvc/floor ratios (m
 
 Cases:
   headers    request + response headers (Envoy: bodies NONE), `headers` sets one header each way
+             (fixed changes: extsvc sends a prebuilt answer, Processor.fixed_headers)
+  hooks      the same answers, but the processor's hooks run for every message (a rename)
   buffered   + BUFFERED request and response bodies (1 KiB JSON), same processor
   override   Envoy configured for headers + BUFFERED bodies, but the policy only needs the request
              headers: extsvc's mode_override leaves 1 message per stream; the floor gets all 4
@@ -59,6 +61,15 @@ CASES: dict[str, dict[str, object]] = {
         "modes": ("buffered", "buffered"),
         "processors": [{"plugin": "headers", "config": {
             "request": {"set": {"x-extproc": "on"}}, "response": {"set": {"x-frame-options": "DENY"}}}}],
+    },
+    "hooks": {
+        "override": False,
+        "modes": ("none", "none"),
+        # the same answers as `headers`, but a rename (of a header the requests do not carry)
+        # makes the changes depend on the message: the processor's hooks run for every message
+        "processors": [{"plugin": "headers", "config": {
+            "request": {"set": {"x-extproc": "on"}, "rename": {"x-absent": "x-renamed"}},
+            "response": {"set": {"x-frame-options": "DENY"}, "rename": {"x-absent": "x-renamed"}}}}],
     },
     "override": {
         "modes": ("buffered", "buffered"),

@@ -87,6 +87,11 @@ class CompiledExtprocPolicy:
             else None
             for phase, chain in zip(Phase, self.chains, strict=True)
         )
+        #: per phase: header-only answers by the changes' records (``HttpMessage.ops``), for
+        #: hooks that keep making the same changes; None once a phase's answers keep differing
+        self.answers: list[dict[tuple[tuple[Any, ...], ...], Any] | None] = [
+            {} if phase.is_headers else None for phase in Phase
+        ]
         #: mode_override answers built from shared answers (fixed or CONTINUE), by
         #: (answer id, request body mode, response body mode, skip response headers)
         self.override_memo: dict[tuple[int, Any, Any, bool], Any] = {}
@@ -103,14 +108,15 @@ class CompiledExtprocPolicy:
         chain = self.chains[message.phase.number]
         if not chain:
             return
-        # One timer for the chain, armed only if a hook suspends (extsvc.deadline).
-        guard = Deadline(asyncio.get_running_loop().time() + self.timeout_s)
+        # One timer for the chain, made and armed only if a hook suspends (extsvc.deadline),
+        # for what is left of timeout_s then.
+        guard: Deadline | None = None
         current: CompiledProcessor | None = None
         mark = 0
+        begun = started = perf_counter()
         try:
             for current, hook in chain:
                 mark = len(message.ops)
-                started = perf_counter()
                 try:
                     # run_guarded(), inlined: a coroutine less per processor and message
                     pending = hook(message)
@@ -120,9 +126,11 @@ class CompiledExtprocPolicy:
                         except StopIteration:
                             pass
                         else:
+                            guard = guard or self._guard(begun)
                             guard.arm()
                             await resume(pending, waiting_on)
                     else:
+                        guard = guard or self._guard(begun)
                         guard.arm()
                         await pending
                 except asyncio.CancelledError:
@@ -134,17 +142,25 @@ class CompiledExtprocPolicy:
                         return
                     continue
                 finally:
-                    current.duration.observe(perf_counter() - started)
+                    ended = perf_counter()
+                    current.duration.observe(ended - started)
+                    started = ended
                 if message.reply is not None:  # an immediate response ends the chain
                     return
         except asyncio.CancelledError:
-            if not guard.consume():
+            if guard is None or not guard.consume():
                 raise
             assert current is not None
             current.overran.inc()
             self._failed(message, current, f"overran {self.timeout_s * 1000:.0f} ms", mark)
         finally:
-            guard.disarm()
+            if guard is not None:
+                guard.disarm()
+
+    def _guard(self, begun: float) -> Deadline:
+        """The chain's deadline: timeout_s from ``begun`` (a perf_counter reading)."""
+        left = self.timeout_s - (perf_counter() - begun)
+        return Deadline(asyncio.get_running_loop().time() + left)
 
     def _failed(self, message: HttpMessage, processor: CompiledProcessor, why: str, mark: int) -> None:
         exchange = message.exchange

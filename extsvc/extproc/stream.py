@@ -26,7 +26,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from extsvc.extproc import convert
-from extsvc.extproc.model import BodyMode, Exchange, HttpMessage, ImmediateReply, Phase
+from extsvc.extproc.model import (
+    OP_REMOVE,
+    BodyMode,
+    Exchange,
+    HttpMessage,
+    ImmediateReply,
+    Phase,
+)
 
 if TYPE_CHECKING:
     from extsvc.extproc.pipeline import CompiledExtprocPolicy, ExtprocPolicies
@@ -53,6 +60,8 @@ class _Direction:
 
 
 _NOTHING: list[Any] = []
+#: distinct header-only answers remembered per policy and headers phase (more: not remembered)
+ANSWER_MEMO_SIZE = 64
 _PHASE_OF = convert.PHASE_OF
 #: ``[CONTINUE]`` per phase number, shared (callers only iterate answers)
 _CONTINUE_ANSWERS: tuple[list[Any], ...] = tuple([answer] for answer in convert.CONTINUE)
@@ -207,6 +216,18 @@ class ExtprocStream:
         response: Any
         if duplex and not message.body and not end_of_stream:
             response = None  # nothing to pass on for this chunk yet
+        elif (phase.is_headers and (memo := self.policy.answers[phase.number]) is not None  # type: ignore[union-attr]
+              and not message.replace_requested and not message.clear_route_cache_requested
+              and all(op[0] <= OP_REMOVE for op in message.ops)):
+            # Header changes only: the same changes get the same (shared) answer.
+            key = tuple(message.ops)
+            response = memo.get(key)
+            if response is None:
+                response = convert.answer(message)
+                if len(memo) < ANSWER_MEMO_SIZE:
+                    memo[key] = response
+                else:  # this phase's answers keep differing: stop remembering them
+                    self.policy.answers[phase.number] = None  # type: ignore[union-attr]
         else:
             response = convert.answer(
                 message,

@@ -1,12 +1,28 @@
-"""Fixed header changes (``Processor.fixed_headers``): the prebuilt answer equals the hooks' one."""
+"""Shared answers: fixed header changes (``Processor.fixed_headers``) and the answer memo of the
+hooks' header-only changes give the answers the hooks would."""
 
 from __future__ import annotations
 
-import pytest
+import itertools
+from collections.abc import Iterator
+from typing import Any
 
-from extsvc import HeaderChanges, Phase
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from extsvc import (
+    HeaderChanges,
+    HttpMessage,
+    Phase,
+    PluginContext,
+    Processor,
+    ProcessorType,
+    hookimpl,
+)
 from extsvc.errors import ConfigError
 from extsvc.extproc import convert
+from extsvc.extproc.stream import ANSWER_MEMO_SIZE, ExtprocStream
+from extsvc.plugin.host import PluginHost
 from extsvc.testing.extproc import body_message, headers_message, stream_for
 
 from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers
@@ -136,3 +152,51 @@ processors:
 def test_header_changes_ops_are_remove_then_set_then_add_lower_cased() -> None:
     changes = HeaderChanges(set={"X-A": "1"}, add={"Via": "e"}, remove=["X-Old"])
     assert changes.ops() == ((2, "x-old"), (0, "x-a", "1"), (1, "via", "e"))
+
+
+async def test_hooks_making_the_same_changes_share_one_answer() -> None:
+    plugin = ScriptPlugin()
+    config = ("processors: [{plugin: script, config: {phases: [request_headers, response_headers], "
+              "set: {x-a: '1'}}}]")  # both phases needed: no mode_override copy
+    first = await scripted_stream(plugin, config)
+    [one] = await first.feed(headers_message(REQUEST, modes=("none", "none")))
+    [two] = await ExtprocStream(first._policies).feed(headers_message(REQUEST, modes=("none", "none")))
+    assert one is two and len(plugin.calls) == 2  # the hook ran twice; the answer was built once
+    assert set_headers(common(one).header_mutation) == [("x-a", b"1", False)]
+
+
+class _Numbered(Processor):
+    """Sets x-n to a new number on every request: answers that keep differing."""
+
+    def __init__(self, config: BaseModel, ctx: PluginContext) -> None:
+        self._count = itertools.count()
+
+    async def on_request_headers(self, message: HttpMessage, /) -> None:
+        message.set_header("x-n", str(next(self._count)))
+
+
+class _NumberedPlugin:
+    @hookimpl
+    def extsvc_register_processors(self) -> Iterator[ProcessorType[Any]]:
+        yield ProcessorType(name="numbered", config_model=_NoConfig, factory=_Numbered)
+
+
+class _NoConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+async def test_answers_that_keep_differing_are_right_and_stop_being_remembered() -> None:
+    host = PluginHost.create(extra_plugins=[("numbered", _NumberedPlugin())], load_entry_points=False)
+    first = await stream_for(
+        "extproc:\n  default_policy: p\n  policies:\n    p:\n      processors: [{plugin: numbered}]\n",
+        host=host,
+    )
+    policies = first._policies
+    assert policies is not None
+    seen = []
+    for _ in range(ANSWER_MEMO_SIZE + 10):
+        [answer] = await ExtprocStream(policies).feed(headers_message(REQUEST, modes=("none", "none")))
+        [(name, value, _)] = set_headers(common(answer).header_mutation)
+        seen.append((name, value))
+    assert seen == [("x-n", str(n).encode()) for n in range(ANSWER_MEMO_SIZE + 10)]
+    assert policies.policies["p"].answers[Phase.REQUEST_HEADERS.number] is None
