@@ -258,3 +258,29 @@ async def test_a_quiet_connection_holds_nothing(pong: tuple[_Pong, int]) -> None
         assert recorder.reads == [1, 1]
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_the_default_sub_millisecond_window_batches_on_both_event_loops(loop_name: str) -> None:
+    """Event-loop timers tick in milliseconds and uvloop rounds shorter delays down to nothing:
+    the 500 µs default must still hold commands on uvloop (extsvc's default loop)."""
+    from extsvc.eventloop import loop_factory
+
+    async def main() -> tuple[list[object], list[int]]:
+        recorder = _Pong()
+        server = await asyncio.start_server(recorder.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = PipelinedRedis(f"redis://127.0.0.1:{port}", timeout_s=2.0, pipeline_window_s=0.0005)
+        try:
+            return await _pings_turns_apart(client, 4, recorder), recorder.reads
+        finally:
+            await client.aclose()
+            server.close()
+
+    name, factory = loop_factory(loop_name)
+    assert name == loop_name
+    with asyncio.Runner(loop_factory=factory) as runner:
+        pongs, reads = runner.run(main())
+    assert pongs == ["PONG"] * 4
+    # The first may leave alone (the connection was quiet); the others follow within the window.
+    assert len(reads) <= 2, reads

@@ -25,12 +25,16 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
+from time import perf_counter
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from extsvc.errors import StoreError
 
 Reply = Any
+
+#: the resolution of event-loop timers (both loops): the shortest pipeline hold
+_TIMER_TICK_S = 0.001
 
 
 class RespError(StoreError):
@@ -124,7 +128,7 @@ class _Connection(asyncio.Protocol):
         self._window = window_s
         self._limit = limit
         self._timer: asyncio.TimerHandle | None = None
-        self._last_write = -1e9  # event-loop time of the last write (kept with a window only)
+        self._last_write = -1e9  # perf_counter() of the last write (kept with a window only)
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,8 +185,10 @@ class _Connection(asyncio.Protocol):
         outgoing.append(payload)
         if len(outgoing) == 1:
             window = self._window
-            if window and loop.time() - self._last_write < window:
-                self._timer = loop.call_later(window, self._flush)
+            if window and perf_counter() - self._last_write < window:
+                # Event-loop timers tick in milliseconds (asyncio rounds a delay up to the next
+                # one, uvloop down -- 0.5 ms would be "now"): the same hold on both loops.
+                self._timer = loop.call_later(max(window, _TIMER_TICK_S), self._flush)
             else:
                 loop.call_soon(self._flush)
         elif self._timer is not None and len(outgoing) >= self._limit:
@@ -196,7 +202,7 @@ class _Connection(asyncio.Protocol):
         if not outgoing:
             return
         if self._window:
-            self._last_write = asyncio.get_running_loop().time()
+            self._last_write = perf_counter()  # precise (uvloop's loop.time() is per turn, in ms)
         if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
