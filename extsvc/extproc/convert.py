@@ -255,11 +255,15 @@ def with_mode_override(
     request_body: BodyMode,
     response_body: BodyMode,
     skip_response_headers: bool,
+    request_trailers: bool = False,
+    response_trailers: bool = False,
 ) -> Any:
     """A copy of a headers answer carrying ``mode_override`` (checklist item 12).
 
-    Both body modes are always spelled out (an omitted one means NONE); header and trailer
-    modes stay DEFAULT (= keep Envoy's) except ``response_header_mode`` SKIP when asked.
+    Both body modes are always spelled out (an omitted one means NONE); header modes stay
+    DEFAULT (= keep Envoy's) except ``response_header_mode`` SKIP when asked. Trailer modes are
+    SEND for the trailers the policy needs: Envoy 1.40 stops sending trailers after an override
+    whose trailer mode is DEFAULT (observed through a real Envoy: tests/e2e/test_extproc.py).
     """
     out = ProcessingResponse()
     out.CopyFrom(response)
@@ -268,4 +272,8 @@ def with_mode_override(
     mode.response_body_mode = _BODY_MODE_NUMBERS[response_body]
     if skip_response_headers:
         mode.response_header_mode = _Mode.SKIP
+    if request_trailers:
+        mode.request_trailer_mode = _Mode.SEND
+    if response_trailers:
+        mode.response_trailer_mode = _Mode.SEND
     return out

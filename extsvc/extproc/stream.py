@@ -337,26 +337,24 @@ class ExtprocStream:
             return response
         self.override_sent = True
         exchange.request_body_mode, exchange.response_body_mode = request_body, response_body
-        fixed = policy.fixed[phase.number]
-        if response is not convert.CONTINUE[phase.number] and (
-            fixed is None or response is not fixed.answer
-        ):
-            return convert.with_mode_override(
-                response,
-                request_body=request_body,
-                response_body=response_body,
-                skip_response_headers=skip_headers,
-            )
-        # A shared answer: its mode_override copy is built once per policy and body modes.
         key = (id(response), request_body, response_body, skip_headers)
-        overridden = policy.override_memo.get(key)
+        fixed = policy.fixed[phase.number]
+        shared = response is convert.CONTINUE[phase.number] or (
+            fixed is not None and response is fixed.answer
+        )
+        # A shared answer's mode_override copy is built once per policy and body modes.
+        overridden = policy.override_memo.get(key) if shared else None
         if overridden is None:
-            overridden = policy.override_memo[key] = convert.with_mode_override(
+            overridden = convert.with_mode_override(
                 response,
                 request_body=request_body,
                 response_body=response_body,
                 skip_response_headers=skip_headers,
+                request_trailers=Phase.REQUEST_TRAILERS in needs,
+                response_trailers=Phase.RESPONSE_TRAILERS in needs,
             )
+            if shared:
+                policy.override_memo[key] = overridden
         return overridden
 
 

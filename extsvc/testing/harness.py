@@ -95,6 +95,7 @@ class EchoedRequest:
     path: str
     headers: dict[str, str]
     body: bytes = b""
+    trailers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,7 +104,9 @@ class EchoBackend:
 
     The reply body is ``{"method", "path", "headers", "body"}`` (header names lower-case,
     repeated headers comma-joined); the reply carries ``x-backend: echo``. Chunked request bodies
-    are read; a request with ``x-echo-chunks: N`` gets its reply chunked in N flushed pieces.
+    are read (their trailers kept in ``requests``); a request with ``x-echo-chunks: N`` gets its
+    reply chunked in N flushed pieces, one with ``x-echo-trailers: name=value,...`` gets it chunked
+    with those trailers.
     ``requests`` keeps what arrived, for assertions about what Envoy forwarded.
     """
 
@@ -117,15 +120,16 @@ class EchoBackend:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def _read_body(self) -> bytes:
+            def _read_body(self, trailers: dict[str, str]) -> bytes:
                 if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
                     # Envoy sends STREAMED / FULL_DUPLEX_STREAMED ext_proc bodies chunked.
                     parts: list[bytes] = []
                     while True:
                         size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
                         if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass  # trailers
+                            while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                                name, _, value = line.decode("latin-1").partition(":")
+                                trailers[name.strip().lower()] = value.strip()
                             return b"".join(parts)
                         parts.append(self.rfile.read(size))
                         self.rfile.readline()
@@ -133,12 +137,13 @@ class EchoBackend:
                 return self.rfile.read(length) if length else b""
 
             def _echo(self) -> None:
-                body = self._read_body()
+                trailers: dict[str, str] = {}
+                body = self._read_body(trailers)
                 headers: dict[str, str] = {}
                 for name, value in self.headers.items():
                     key = name.lower()
                     headers[key] = f"{headers[key]},{value}" if key in headers else value
-                requests.append(EchoedRequest(self.command, self.path, headers, body))
+                requests.append(EchoedRequest(self.command, self.path, headers, body, trailers))
                 payload = json.dumps(
                     {"method": self.command, "path": self.path, "headers": headers,
                      "body": body.decode("utf-8", "replace")}
@@ -147,6 +152,12 @@ class EchoBackend:
                 self.send_header("content-type", "application/json")
                 self.send_header("x-backend", "echo")
                 chunks = int(headers.get("x-echo-chunks", "0") or 0)
+                reply_trailers = [
+                    item.split("=", 1) for item in headers.get("x-echo-trailers", "").split(",")
+                    if "=" in item
+                ]
+                if reply_trailers:
+                    chunks = max(chunks, 1)
                 if chunks <= 0:
                     self.send_header("content-length", str(len(payload)))
                     self.end_headers()
@@ -161,7 +172,10 @@ class EchoBackend:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                     self.wfile.flush()
                     time.sleep(0.005)
-                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"0\r\n")
+                for name, value in reply_trailers:
+                    self.wfile.write(f"{name.strip()}: {value.strip()}\r\n".encode())
+                self.wfile.write(b"\r\n")
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _echo
 

@@ -1,4 +1,5 @@
-"""``headers`` (ext_proc processor): set, add, remove and rename request and response headers.
+"""``headers`` (ext_proc processor): set, add, remove and rename request and response headers
+(and trailers).
 
 Operations on each side run in this order: rename, remove, set, add. ``set`` overwrites (or adds);
 ``add`` adds another line (``append: true``, envoy-protocols.md §0.4); ``rename`` moves a value to
@@ -18,6 +19,8 @@ Example::
           set: {x-frame-options: DENY}
           add: {via: extsvc}
           remove: [server]
+        response_trailers:
+          set: {x-served-by: extsvc}
 """
 
 from __future__ import annotations
@@ -84,11 +87,19 @@ class HeaderOps(_Model):
 class HeadersConfig(_Model):
     request: HeaderOps = Field(default_factory=HeaderOps)
     response: HeaderOps = Field(default_factory=HeaderOps)
+    #: trailers: only sent by Envoy with request_trailer_mode / response_trailer_mode SEND and
+    #: when the message has trailers (HTTP/2, or HTTP/1.1 chunked with enable_trailers)
+    request_trailers: HeaderOps = Field(default_factory=HeaderOps)
+    response_trailers: HeaderOps = Field(default_factory=HeaderOps)
 
     @model_validator(mode="after")
     def _pseudo_sides(self) -> HeadersConfig:
         if ":status" in self.request.set or ":path" in self.response.set:
             raise ValueError(":status belongs to the response and :path to the request")
+        for side in ("request_trailers", "response_trailers"):
+            ops: HeaderOps = getattr(self, side)
+            if any(name.startswith(":") for name in (*ops.set, *ops.add)):
+                raise ValueError(f"{side}: trailers have no pseudo-headers")
         return self
 
 
@@ -110,10 +121,14 @@ class Headers(Processor):
     def __init__(self, config: HeadersConfig, ctx: PluginContext) -> None:
         self._request = config.request
         self._response = config.response
+        self._request_trailers = config.request_trailers
+        self._response_trailers = config.response_trailers
         self.phases = frozenset(
             phase
             for phase, ops in ((Phase.REQUEST_HEADERS, config.request),
-                               (Phase.RESPONSE_HEADERS, config.response))
+                               (Phase.RESPONSE_HEADERS, config.response),
+                               (Phase.REQUEST_TRAILERS, config.request_trailers),
+                               (Phase.RESPONSE_TRAILERS, config.response_trailers))
             if not ops.empty
         )
 
@@ -128,6 +143,12 @@ class Headers(Processor):
 
     async def on_response_headers(self, message: HttpMessage, /) -> None:
         _apply(self._response, message)
+
+    async def on_request_trailers(self, message: HttpMessage, /) -> None:
+        _apply(self._request_trailers, message)
+
+    async def on_response_trailers(self, message: HttpMessage, /) -> None:
+        _apply(self._response_trailers, message)
 
 
 @hookimpl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -250,3 +251,78 @@ def test_server_down_fails_closed(start_envoy: StartEnvoy) -> None:
     assert httpx.get(envoy.url("/")).status_code == 500
     stats = envoy.stats(STATS)
     assert stats[STATS + "streams_failed"] >= 1
+
+
+# -- trailers and observability mode ------------------------------------------------------------
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Send a raw HTTP/1.1 request (``connection: close``); (status, headers, trailers) of the
+    chunked reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)}
+    assert headers.get("transfer-encoding") == "chunked", headers
+    while True:  # skip the chunks to the last one; what follows it are the trailers
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        rest = rest[size + 2:]
+    trailer_block = rest.partition(b"\r\n\r\n")[0].decode("latin-1")
+    trailers = {k.strip().lower(): v.strip()
+                for k, _, v in (t.partition(":") for t in trailer_block.split("\r\n") if t)}
+    return int(status_line.split()[1]), headers, trailers
+
+
+def test_trailers_are_processed_both_ways(
+    envoy: EnvoyProcess, backend: EchoBackend, extsvc_proc: ExtsvcProcess
+) -> None:
+    body = b'{"item": "book"}'
+    request = (
+        b"POST /trailers HTTP/1.1\r\nhost: e2e\r\nx-extproc-policy: trailers\r\n"
+        b"x-echo-trailers: x-up=1\r\nte: trailers\r\ntransfer-encoding: chunked\r\n"
+        b"connection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(body), body)
+        + b"0\r\nx-client: c\r\nx-drop: d\r\n\r\n"
+    )
+    status, _, trailers = _raw_exchange(envoy.port, request)
+    assert status == 200
+    seen = backend.requests[-1]
+    assert seen.body == body
+    assert seen.trailers.get("x-client") == "c"
+    assert seen.trailers.get("x-checked") == "yes"   # added by the request_trailers answer
+    assert "x-drop" not in seen.trailers             # removed by it
+    assert trailers.get("x-up") == "1"               # the backend's own trailer
+    assert trailers.get("x-served-by") == "extsvc"   # added by the response_trailers answer
+    # The policy needs no response headers: its first answer carried a mode_override (SKIP them),
+    # which must keep the trailers coming (Envoy drops them on an override saying DEFAULT).
+    assert extsvc_proc.metric("extsvc_extproc_mode_overrides_total", policy="trailers") >= 1
+
+
+def test_observability_mode_is_answered_with_silence(
+    envoy: EnvoyProcess, extsvc_proc: ExtsvcProcess, backend: EchoBackend
+) -> None:
+    def messages(direction: str) -> float:
+        return extsvc_proc.metric("extsvc_extproc_messages_total", policy="headers", direction=direction)
+
+    received, sent = messages("received"), messages("sent")
+    observe = "http.ingress_http.ext_proc.observe."
+    response = httpx.post(envoy.url("/observe/orders"), content=b"hello", headers={"x-secret": "kept"})
+    assert response.status_code == 200
+    seen = last_request_headers(backend)
+    assert "x-extproc" not in seen and seen["x-secret"] == "kept"  # nothing applied
+    # extsvc got request headers, the body and the response headers, and ran the policy on them...
+    wait_until(lambda: messages("received") >= received + 3, 10, "the observed stream to end")
+    # ... but sent nothing back: Envoy received no message on that stream, spurious or not.
+    assert messages("sent") == sent
+    stats = envoy.stats(observe)
+    assert stats[observe + "streams_started"] >= 1
+    assert stats.get(observe + "stream_msgs_sent", 0) >= 3
+    assert stats.get(observe + "stream_msgs_received", 0) == 0
+    assert stats.get(observe + "spurious_msgs_received", 0) == 0

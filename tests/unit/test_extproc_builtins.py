@@ -7,7 +7,7 @@ import json
 import pytest
 
 from extsvc.errors import ConfigError
-from extsvc.testing.extproc import body_message, headers_message, stream_for
+from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
 
 from .extproc_kit import common, set_headers
 
@@ -33,6 +33,23 @@ async def test_headers_rename_remove_set_add() -> None:
     assert set_headers(common(response).header_mutation) == [("x-frame-options", b"DENY", False)]
 
 
+async def test_headers_changes_trailers_both_ways() -> None:
+    stream = await stream_for(config(
+        "{plugin: headers, config: {request_trailers: {set: {x-checked: 'yes'}, remove: [x-drop]}, "
+        "response_trailers: {add: {x-served-by: extsvc}, rename: {x-old: x-new}}}}"
+    ))
+    await stream.feed(headers_message({**POST, "x-drop": "header, not trailer"}, modes=("none", "none")))
+    [answer] = await stream.feed(trailers_message({"x-drop": "1", "x-client": "c"}))
+    mutation = answer.request_trailers.header_mutation
+    assert set_headers(mutation) == [("x-checked", b"yes", False)]
+    assert list(mutation.remove_headers) == ["x-drop"]
+    await stream.feed(headers_message({":status": "200"}, response=True))
+    [answer] = await stream.feed(trailers_message({"x-old": "v"}, response=True))
+    mutation = answer.response_trailers.header_mutation
+    assert set_headers(mutation) == [("x-new", b"v", False), ("x-served-by", b"extsvc", True)]
+    assert list(mutation.remove_headers) == ["x-old"]
+
+
 @pytest.mark.parametrize(
     ("block", "message"),
     [
@@ -40,6 +57,7 @@ async def test_headers_rename_remove_set_add() -> None:
         ("{request: {set: {host: x}}}", "ignores changes to 'host'"),
         ("{request: {set: {':status': '201'}}}", ":status belongs to the response"),
         ("{request: {set: {'bad name': x}}}", "invalid header name"),
+        ("{response_trailers: {set: {':status': '500'}}}", "trailers have no pseudo-headers"),
     ],
 )
 async def test_headers_config_is_checked_at_load(block: str, message: str) -> None:

@@ -320,6 +320,20 @@ async def test_override_switches_off_unneeded_phases_with_both_body_modes(plugin
     assert stream.override_sent
 
 
+async def test_override_asks_for_the_trailers_the_policy_needs(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(
+        plugin, "processors: [{plugin: script, config: {phases: [request_trailers, response_trailers]}}]"
+    )
+    [answer] = await stream.feed(headers_message({":path": "/"}, modes=("buffered", "none")))
+    mode = answer.mode_override
+    assert (mode.request_body_mode, mode.response_header_mode) == (0, 2)  # NONE, SKIP
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (1, 1)  # SEND both
+    # A policy that needs no trailers leaves them DEFAULT (Envoy then stops sending them).
+    other = await scripted_stream(plugin, ONLY_REQUEST_HEADERS)
+    [answer] = await other.feed(headers_message({":path": "/"}, modes=("buffered", "none")))
+    assert (answer.mode_override.request_trailer_mode, answer.mode_override.response_trailer_mode) == (0, 0)
+
+
 async def test_override_keeps_the_needed_body_mode(plugin: ScriptPlugin) -> None:
     stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
                                    "{phases: [request_body, response_headers]}}]")
