@@ -63,8 +63,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 between = False
                 answers: Any = step(request)
                 if answers.__class__ is HttpMessage:  # the policy's processors run on it
-                    await stream.policy.run(answers)  # type: ignore[union-attr]
-                    answers = stream.finish(answers)
+                    answers = await stream.run(answers)
                 elif stream.unknown_policy and stream.received == 1:
                     held = self._throttle.allow(f"policy:{stream.policy_name[:64]}")
                     if held is not None:

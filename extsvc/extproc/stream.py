@@ -98,7 +98,7 @@ class ExtprocStream:
     #: the mode_override is decided on the first headers answer (sent there or never)
     _override_open = True
     #: what finish() needs of the message step() handed out
-    _pending: tuple[_Direction, bool, bool, BodyMode, bool] | None = None
+    _pending: tuple[CompiledExtprocPolicy, _Direction, bool, bool, BodyMode, bool] | None = None
 
     def __init__(
         self,
@@ -119,16 +119,20 @@ class ExtprocStream:
         :raises ProtocolError: empty message, or a phase out of order.
         """
         out = self.step(request)
-        if out.__class__ is HttpMessage:
-            await self.policy.run(out)  # type: ignore[union-attr]
-            return self.finish(out)
-        return out  # type: ignore[return-value]
+        if isinstance(out, HttpMessage):
+            return await self.run(out)
+        return out
+
+    async def run(self, message: HttpMessage) -> list[Any]:
+        """Run the policy's processors on the message :meth:`step` handed out; its answers."""
+        assert self._pending is not None
+        await self._pending[0].run(message)
+        return self.finish(message)
 
     def step(self, request: Any) -> list[Any] | HttpMessage:
         """:meth:`feed` without awaiting: the answers, or -- when the policy's processors must
-        run -- the :class:`HttpMessage` to run them on (``await stream.policy.run(message)``),
-        then :meth:`finish` gives the answers. The gRPC adapter calls these two (no coroutine
-        per message when no processor runs).
+        run -- the :class:`HttpMessage` for :meth:`run`, which runs them and gives the answers.
+        The gRPC adapter calls these two (no coroutine per message when no processor runs).
 
         :raises ProtocolError: empty message, or a phase out of order.
         """
@@ -197,14 +201,14 @@ class ExtprocStream:
                 end_of_stream=end_of_stream,
                 raw_trailers=inner.trailers if phase.is_trailers else None,
             )
-            self._pending = (direction, observe_only, duplex, body_mode, end_of_stream)
+            self._pending = (policy, direction, observe_only, duplex, body_mode, end_of_stream)
             return message
         return self._answered(phase, direction, response, end_of_stream, observe_only)
 
     def finish(self, message: HttpMessage) -> list[Any]:
         """The answers to a message :meth:`step` handed out, after its processors ran."""
         assert self._pending is not None
-        direction, observe_only, duplex, body_mode, end_of_stream = self._pending
+        policy, direction, observe_only, duplex, body_mode, end_of_stream = self._pending
         phase = message.phase
         if message.reply is not None:
             if observe_only:
@@ -216,7 +220,7 @@ class ExtprocStream:
         response: Any
         if duplex and not message.body and not end_of_stream:
             response = None  # nothing to pass on for this chunk yet
-        elif (phase.is_headers and (memo := self.policy.answers[phase.number]) is not None  # type: ignore[union-attr]
+        elif (phase.is_headers and (memo := policy.answers[phase.number]) is not None
               and not message.replace_requested and not message.clear_route_cache_requested
               and all(op[0] <= OP_REMOVE for op in message.ops)):
             # Header changes only: the same changes get the same (shared) answer.
@@ -227,7 +231,7 @@ class ExtprocStream:
                 if len(memo) < ANSWER_MEMO_SIZE:
                     memo[key] = response
                 else:  # this phase's answers keep differing: stop remembering them
-                    self.policy.answers[phase.number] = None  # type: ignore[union-attr]
+                    policy.answers[phase.number] = None
         else:
             response = convert.answer(
                 message,
