@@ -43,6 +43,7 @@ __all__ = [
     "envoy_binary",
     "free_port",
     "http_get",
+    "wait_for_window_room",
     "wait_until",
     "with_ports",
 ]
@@ -74,6 +75,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_for_window_room(window_s: float, room_s: float = 15.0) -> float:
+    """Sleep into the next fixed window if fewer than ``room_s`` seconds are left of this one.
+
+    Fixed windows start on multiples of their length in Unix time (a minute window at :00), so a
+    test that counts requests against a real server's clock fails when its requests straddle a
+    window's end. Call this before such a sequence; it returns the seconds slept (usually 0).
+    """
+    left = window_s - time.time() % window_s
+    if left >= room_s:
+        return 0.0
+    time.sleep(left + 0.05)
+    return left + 0.05
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -291,11 +306,14 @@ class EnvoyProcess(_Process):
 
     :param config: the bootstrap YAML (use :func:`with_ports` to move a fixed-port config).
     :param listener: the index of the listener whose port :meth:`url` uses.
+    :param args: more Envoy command-line flags (e.g. ``["--file-flush-interval-msec", "100"]``).
     """
 
     name = "envoy"
 
-    def __init__(self, config: str, *, listener: int = 0, log_level: str = "warning") -> None:
+    def __init__(
+        self, config: str, *, listener: int = 0, log_level: str = "warning", args: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.config = config
         self.config_path = self._dir / "envoy.yaml"
@@ -305,11 +323,12 @@ class EnvoyProcess(_Process):
         self.admin_port = ports[0]
         self.port = ports[1 + listener]
         self._log_level = log_level
+        self._args = list(args)
 
     def start(self, timeout: float = 20.0) -> Self:
         self._spawn([
             envoy_binary(), "-c", str(self.config_path), "--log-level", self._log_level,
-            "--disable-hot-restart", "--concurrency", "1",
+            "--disable-hot-restart", "--concurrency", "1", *self._args,
         ])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

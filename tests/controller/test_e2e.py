@@ -9,13 +9,25 @@ from pathlib import Path
 import httpx
 import pytest
 
-from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess, free_port
+from extsvc.testing.harness import (
+    EchoBackend,
+    EnvoyProcess,
+    ExtsvcProcess,
+    free_port,
+    wait_for_window_room,
+)
 from extsvc_controller.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "controller"
 
 pytestmark = pytest.mark.envoy
+
+@pytest.fixture(autouse=True)
+def _room_in_the_hour() -> None:
+    """These tests count hour windows on the real clock: never across an hour's end."""
+    wait_for_window_room(3600)
+
 
 
 @pytest.fixture(scope="module")

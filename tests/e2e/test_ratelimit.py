@@ -8,12 +8,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess
+from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess, wait_for_window_room
 from ratelimit.servers import RedisServer
 
 from .conftest import HERE, StartEnvoy
 
 API_LIMIT = '3, 3;w=3600;name="api", 1000;w=3600;name="remote_address"'
+
+@pytest.fixture(autouse=True)
+def _room_in_the_hour() -> None:
+    """These tests count hour windows on the real clock: never across an hour's end."""
+    wait_for_window_room(3600)
+
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])

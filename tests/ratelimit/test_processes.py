@@ -15,7 +15,7 @@ import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from extsvc.testing.harness import ExtsvcProcess
+from extsvc.testing.harness import ExtsvcProcess, wait_for_window_room
 
 from .servers import RedisServer
 
@@ -34,6 +34,12 @@ descriptors:
   - key: bucket
     rate_limit: {{unit: hour, requests_per_unit: {LIMIT}, algorithm: token_bucket}}
 """
+
+@pytest.fixture(autouse=True)
+def _room_in_the_hour() -> None:
+    """These tests count hour windows on the real clock: never across an hour's end."""
+    wait_for_window_room(3600)
+
 
 
 def write_config(tmp: Path, url: str, failure_mode: str = "allow", timeout_ms: int = 100) -> Path:

@@ -14,6 +14,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extsvc.testing import running_server
+from extsvc.testing.harness import wait_for_window_room
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 
@@ -29,6 +30,12 @@ descriptors:
   - key: k
     rate_limit: {unit: hour, requests_per_unit: 1}
 """
+
+@pytest.fixture(autouse=True)
+def _room_in_the_hour() -> None:
+    """These tests count hour windows on the real clock: never across an hour's end."""
+    wait_for_window_room(3600)
+
 
 
 def request(domain: str, *descriptors: list[tuple[str, str]], hits: int = 0) -> Any:

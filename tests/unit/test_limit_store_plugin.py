@@ -31,6 +31,7 @@ from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.store.memory import MemoryStore
 from extsvc.ratelimit.store.plugin import PluginStore
 from extsvc.testing import running_server
+from extsvc.testing.harness import wait_for_window_room
 
 OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
 NOW = 1_700_000_000.0
@@ -41,6 +42,12 @@ descriptors:
   - key: k
     rate_limit: {unit: hour, requests_per_unit: 2, name: two}
 """
+
+@pytest.fixture(autouse=True)
+def _room_in_the_hour() -> None:
+    """These tests count hour windows on the real clock: never across an hour's end."""
+    wait_for_window_room(3600)
+
 
 
 class CountingConfig(BaseModel):

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from extsvc.errors import StoreError
 from extsvc.ratelimit.algorithms import Op
