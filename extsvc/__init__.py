@@ -27,6 +27,17 @@ from extsvc.plugin.protocols import Authorizer, Closable, IdentitySource, Starta
 from extsvc.plugin.records import AuthorizerType, LimitStoreType, ProcessorType
 from extsvc.ratelimit.algorithms import Op
 from extsvc.ratelimit.store import LimitStore
+from extsvc.remote import (
+    RemoteFetchError,
+    RemoteFetchMetrics,
+    RemoteInvalidContent,
+    RemoteStatusError,
+    RemoteTimeout,
+    RemoteTooLarge,
+    RemoteUnreachable,
+    fetch_bytes,
+    fetch_json,
+)
 from extsvc.types import HeaderName, HeaderValue, Regex
 
 __version__ = "0.1.0"
@@ -57,11 +68,20 @@ __all__ = [
     "Processor",
     "ProcessorType",
     "Regex",
+    "RemoteFetchError",
+    "RemoteFetchMetrics",
+    "RemoteInvalidContent",
+    "RemoteStatusError",
+    "RemoteTimeout",
+    "RemoteTooLarge",
+    "RemoteUnreachable",
     "ResponseHeader",
     "ResponseHeaderAction",
     "Startable",
     "StoreError",
     "__version__",
+    "fetch_bytes",
+    "fetch_json",
     "hookimpl",
     "hookspec",
 ]

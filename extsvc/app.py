@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from extsvc.config.runtime import Runtime, RuntimeHolder
 from extsvc.eventloop import running_loop_name
 from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
+from extsvc.limits import RequestLimits
 from extsvc.observability.admin import AdminServer
 from extsvc.observability.health import HealthState
 from extsvc.observability.metrics import Metrics
@@ -43,10 +46,13 @@ from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
 from extsvc.ratelimit.service import RateLimitService
 from extsvc.ratelimit.service import add_to_server as add_ratelimit_to_server
 from extsvc.settings import Settings
+from extsvc.supervisor import WORKER_ENV
 
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: seconds closing plugins and hooks get after the grace period, when it left them less
+CLEANUP_S = 1.0
 
 
 class ExtsvcServer:
@@ -76,10 +82,15 @@ class ExtsvcServer:
         )
         self.loader = ConfigLoader(
             self.holder, self.host, self.metrics, on_first_load=self.health.mark_ready,
-            on_load=self._config_loaded,
+            on_load=self._config_loaded, start_timeout_s=settings.plugin_start_timeout_s,
+            max_config_bytes=settings.max_config_bytes,
         )
         self.watcher: FileWatcher | None = None
-        self.admin = AdminServer(self.health, self.metrics, self.status)
+        self.admin = AdminServer(
+            self.health, self.metrics, self.status,
+            max_connections=settings.admin_max_connections,
+            request_timeout_s=settings.admin_request_timeout_s,
+        )
         self._reuse_port = reuse_port
         self._server: Any = None
         self._stopping = False
@@ -99,6 +110,10 @@ class ExtsvcServer:
             "ready": self.health.ready,
             "config": str(self.settings.config or "<embedded default>"),
             "generation": runtime.generation if runtime else 0,
+            # the serving config (source, loaded_at, load_seconds, notes) and, when the file on
+            # disk was rejected since, why: what is serving is not what the file says
+            "serving": self.loader.serving,
+            "last_rejected": self.loader.last_rejected,
             "policies": sorted(runtime.policies) if runtime else [],
             "default_policy": runtime.config.default_policy if runtime else None,
             "plugins": [p.describe() for p in self.host.plugins],
@@ -121,18 +136,28 @@ class ExtsvcServer:
             # Envoy keeps long-lived HTTP/2 connections and may ping them.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            # Per-connection stream cap (SETTINGS_MAX_CONCURRENT_STREAMS); Envoy opens more
+            # connections when it needs more. The global caps are in the services.
+            ("grpc.max_concurrent_streams", s.max_streams_per_connection),
         ]
         server = grpc.aio.server(options=options)
         services = _GenericHandlersOnly(server)
+        limits = RequestLimits.from_settings(s)  # what one request may carry (docs/hardening.md)
         authz = AuthorizationService(
             self.holder,
             self.metrics,
             deadline_margin_s=s.deadline_margin_ms / 1000,
+            deadline_margin_ratio=s.deadline_margin_ratio,
             default_timeout_s=s.default_timeout_ms / 1000,
+            max_inflight=s.max_authz_inflight,
+            limits=limits,
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, services)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-            ExternalProcessorService(self.holder, self.metrics), services
+            ExternalProcessorService(
+                self.holder, self.metrics, max_streams=s.max_extproc_streams, limits=limits
+            ),
+            services,
         )
         add_ratelimit_to_server(
             RateLimitService(
@@ -143,14 +168,16 @@ class ExtsvcServer:
             services,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, services)
-        # What reflection.enable_server_reflection does for a grpc.aio server, minus the
-        # method pre-registration (see _GenericHandlersOnly).
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
-            ),
-            services,
-        )
+        if s.reflection:
+            # What reflection.enable_server_reflection does for a grpc.aio server, minus the
+            # method pre-registration (see _GenericHandlersOnly).
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE, HEALTH_SERVICE,
+                     reflection.SERVICE_NAME)
+                ),
+                services,
+            )
         try:
             if s.tls_cert_file is not None and s.tls_key_file is not None:
                 credentials = _server_credentials(
@@ -172,6 +199,9 @@ class ExtsvcServer:
             "mTLS" if s.tls_client_ca_file else "TLS" if s.tls_cert_file else "plaintext",
             s.admin_address.rsplit(":", 1)[0] + f":{self.admin_port}", running_loop_name(),
         )
+        exposure = exposure_warning(s)
+        if exposure and os.environ.get(WORKER_ENV, "0") == "0":  # said once, not by each worker
+            log.warning("%s", exposure)
 
         if s.config is None:
             if self._config_text is None:
@@ -188,25 +218,43 @@ class ExtsvcServer:
         # whole heap of modules, plugins and compiled config (see bench/authz_bench.py).
         gc.freeze()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain and stop; a second call waits for the first instead of stopping twice."""
+    async def stop(self, grace: float | None = None, *, drain_delay: float = 0.0) -> None:
+        """Drain and stop; a second call waits for the first instead of stopping twice.
+
+        Health goes NOT_SERVING at once; the gRPC port keeps accepting for ``drain_delay``
+        seconds (when the server was ready), so that health checks move traffic away before
+        RPCs are refused; then in-flight RPCs get ``grace`` seconds; then plugins are closed,
+        within what is left of ``grace`` (at least CLEANUP_S). Whatever overruns is cancelled
+        and abandoned, and logged: ``drain_delay + grace (+ CLEANUP_S)`` bounds the whole stop.
+        """
         if self._stopping:  # shutdown hooks run once (hookspecs: "Run once when the server stops")
             await self._stopped.wait()
             return
         self._stopping = True
         grace = self.settings.grace_period_s if grace is None else grace
+        loop = asyncio.get_running_loop()
         try:
+            was_ready = self.health.ready
             await self.health.mark_draining()
+            if drain_delay > 0 and was_ready and self._server is not None:
+                log.info(
+                    "health NOT_SERVING; accepting RPCs for %.1fs more (drain_delay_s) while "
+                    "health checks move traffic away", drain_delay,
+                )
+                await asyncio.sleep(drain_delay)
+            deadline = loop.time() + grace
             if self.watcher is not None:
-                await self.watcher.stop()
+                await _bounded("the config watcher", self.watcher.stop(), deadline)
             if self._server is not None:
-                # Stops accepting new RPCs at once; in-flight ones get `grace` seconds to finish.
-                await self._server.stop(grace)
-            await self.holder.close()
-            await self.ratelimit.aclose()
-            await self.host.shutdown()
+                # Stops accepting new RPCs at once; in-flight ones get `grace` seconds to finish,
+                # then grpc cancels them. A handler that ignores its cancellation is abandoned.
+                await _bounded("in-flight RPCs", self._server.stop(grace), deadline + CLEANUP_S)
+            deadline = max(deadline, loop.time() + CLEANUP_S)
+            await _bounded("closing the config's plugins", self.holder.close(), deadline)
+            await _bounded("closing the rate-limit service", self.ratelimit.aclose(), deadline)
+            await _bounded("the shutdown hooks", self.host.shutdown(), deadline)
             self.health.alive = False
-            await self.admin.stop()
+            await _bounded("the admin listener", self.admin.stop(), deadline)
         finally:
             if self._flusher is not None:  # its last flush leaves the final counts in place
                 self._flusher.cancel()
@@ -216,18 +264,40 @@ class ExtsvcServer:
         log.info("stopped")
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully. SIGHUP re-reads the config."""
+        """Start, serve until SIGTERM/SIGINT, stop gracefully. SIGHUP re-reads the config.
+
+        The signal handlers are in place before anything starts: a signal during start-up (a
+        plugin's start() that hangs, a big first config) cancels the start and stops at once.
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_now)
+        s = self.settings
         try:
-            await self.start()
-            await stop.wait()
-            log.info("signal received: draining (grace %.1fs)", self.settings.grace_period_s)
+            starting = loop.create_task(self.start(), name="extsvc-start")
+            signalled = loop.create_task(stop.wait(), name="extsvc-signal")
+            interrupted = False
+            try:
+                await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                signalled.cancel()
+                if not starting.done():
+                    interrupted = True
+                    log.info("signal received during start-up: stopping")
+                    starting.cancel()
+                    starting.add_done_callback(_retrieve)
+                    await _bounded("start-up", asyncio.wait({starting}), loop.time() + CLEANUP_S)
+            if not interrupted:
+                starting.result()  # a start-up failure (port in use, plugin error) raises here
+                await stop.wait()
+                log.info(
+                    "signal received: draining (drain delay %.1fs, grace %.1fs)",
+                    s.drain_delay_s, s.grace_period_s,
+                )
         finally:
-            await self.stop()
+            await self.stop(drain_delay=s.drain_delay_s)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(ValueError):
                     loop.remove_signal_handler(sig)
@@ -239,6 +309,56 @@ class ExtsvcServer:
         if self.watcher is not None:
             log.info("SIGHUP: checking %s now", self.watcher.path)
             self.watcher.trigger()
+
+
+async def _bounded(what: str, step: Awaitable[object], deadline: float) -> None:
+    """Await ``step`` until ``deadline`` (loop time); then cancel it, log it, and go on."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(step)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        log.error("shutdown: %s did not end in time; cancelled and abandoned", what)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        log.error("shutdown: %s failed", what, exc_info=task.exception())
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The start-up warning for a gRPC port that any client able to reach it may call.
+
+    None on a loopback address or with mTLS; otherwise one line naming the address and fixes.
+    """
+    host = settings.grpc_address.rsplit(":", 1)[0].strip("[]")
+    if settings.tls_client_ca_file is not None or _is_loopback(host):
+        return None
+    how = "TLS without client certificates" if settings.tls_cert_file else "plaintext"
+    return (
+        f"gRPC on {settings.grpc_address} is {how} on a non-loopback address: any client that "
+        "reaches it can call ext_authz, ext_proc and the rate-limit service"
+        f"{' and reflection' if settings.reflection else ''}. Restrict who reaches it (a "
+        "Kubernetes NetworkPolicy), or require mTLS (tls_cert_file, tls_key_file, "
+        "tls_client_ca_file), or listen on 127.0.0.1 when Envoy runs beside extsvc"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, assume it can be reached
+        return False
 
 
 def _server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

@@ -1,4 +1,4 @@
-"""``extsvc serve | validate FILE | plugins list``."""
+"""``extsvc serve | validate FILE | plugins list | default-config | demo``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="extsvc", description="Envoy extension server (ext_authz, ext_proc, rate limit)"
     )
+    parser.add_argument("--version", action="version", version=f"extsvc {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the server")
+    serve = sub.add_parser(
+        "serve", help="run the server",
+        description="Serve ext_authz, ext_proc and the rate-limit service on one gRPC port. "
+        "Flags override EXTSVC_* environment variables, which override the defaults.",
+        epilog="environment variables:\n" + Settings.environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("--config", type=Path, help="policy file (default: the embedded demo)")
     serve.add_argument("--grpc-address", help="host:port for gRPC (default 0.0.0.0:9001)")
     serve.add_argument("--admin-address", help="host:port for /healthz /readyz /metrics "
@@ -32,27 +41,50 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes sharing the gRPC port (default 1)")
     serve.add_argument("--grace-period", dest="grace_period_s", type=float,
                        help="seconds in-flight RPCs get on SIGTERM (default 10)")
+    serve.add_argument("--drain-delay", dest="drain_delay_s", type=float,
+                       help="seconds health is NOT_SERVING on SIGTERM before RPCs are refused "
+                       "(default 5)")
+    serve.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=None,
+                       help="serve gRPC reflection (default: on)")
     serve.add_argument("--reload-interval", dest="reload_interval_s", type=float,
                        help="seconds between config file checks (default 1)")
-    serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path)
-    serve.add_argument("--tls-key", dest="tls_key_file", type=Path)
+    serve.add_argument("--tls-cert", dest="tls_cert_file", type=Path,
+                       help="PEM certificate: serve gRPC over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", dest="tls_key_file", type=Path,
+                       help="PEM private key of --tls-cert")
     serve.add_argument("--tls-client-ca", dest="tls_client_ca_file", type=Path,
                        help="require client certificates signed by this CA (mTLS)")
     serve.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
                        help="auto (default): uvloop when installed, else asyncio")
-    serve.add_argument("--log-level")
-    serve.add_argument("--log-format", choices=("text", "json"))
+    serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       type=str.upper, help="default INFO")
+    serve.add_argument("--log-format", choices=("text", "json"), help="default text")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
-    validate = sub.add_parser("validate", help="check a policy file offline; exit 1 on problems")
-    validate.add_argument("file", type=Path)
+    validate = sub.add_parser(
+        "validate", help="check a policy file offline; exit 1 on problems",
+        description="Run what a reload runs -- parse, validate, build every step (reading the "
+        "files they name) -- without serving or fetching anything, and report every problem.",
+    )
+    validate.add_argument("file", type=Path, help="the policy file")
+    validate.add_argument("-v", "--verbose", action="store_true",
+                          help="list every policy name (default: the first ten)")
 
     plugins = sub.add_parser("plugins", help="plugin information")
     plugins_sub = plugins.add_subparsers(dest="plugins_command", required=True)
     listing = plugins_sub.add_parser("list", help="what loaded and from where")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="one JSON array instead of a table")
 
     sub.add_parser("default-config", help="print the embedded demo config")
+
+    demo = sub.add_parser("demo", help="extsvc + a real Envoy + an echo backend on 127.0.0.1, "
+                          "printing each request's decisions (Ctrl-C stops)")
+    demo.add_argument("--port", type=int, default=10000,
+                      help="Envoy's listener on 127.0.0.1 (default 10000)")
+    for name, what in (("grpc", "extsvc's gRPC"), ("backend", "the echo backend's"),
+                       ("envoy-admin", "Envoy's admin")):
+        demo.add_argument(f"--{name}-port", type=int, default=0,
+                          help=f"{what} port on 127.0.0.1 (default 0: any free port)")
     return parser
 
 
@@ -68,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args, list(sys.argv[2:] if argv is None else argv[1:]))
         if args.command == "validate":
-            return asyncio.run(_validate(args.file))
+            return asyncio.run(_validate(args.file, args.verbose))
         if args.command == "plugins":
             return _plugins_list(args.json)
+        if args.command == "demo":
+            from extsvc import demo as demo_module
+
+            return demo_module.run(args)
         if args.command == "default-config":
             from extsvc.config.provider import embedded_default_config
 
@@ -101,11 +137,25 @@ def _serve(args: argparse.Namespace, raw_args: list[str]) -> int:
 
     try:
         server = ExtsvcServer(settings, reuse_port=args.reuse_port)
-        eventloop.run(server.run(), settings.event_loop)
+        eventloop.run(
+            server.run(), settings.event_loop,
+            cleanup_timeout_s=EXIT_CLEANUP_S, on_abandoned=_exit_abandoning,
+        )
     except (PluginError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     return 0
+
+
+#: seconds the tasks and threads left after the server stopped get before the process exits
+EXIT_CLEANUP_S = 0.5
+
+
+def _exit_abandoning(left: list[str], failed: bool) -> None:
+    """Exit now, without waiting for ``left`` (they ignored their cancellation)."""
+    log.error("exiting with %d task(s) or thread(s) still running: %s", len(left), "; ".join(left))
+    logging.shutdown()  # flush the log handlers: os._exit skips the interpreter's clean-up
+    os._exit(2 if failed else 0)
 
 
 def _without_workers(raw: list[str]) -> list[str]:
@@ -124,35 +174,53 @@ def _without_workers(raw: list[str]) -> list[str]:
     return out
 
 
-async def _validate(path: Path) -> int:
+async def _validate(path: Path, verbose: bool = False) -> int:
     from extsvc.config.compile import validate_file
+    from extsvc.config.provider import summarize_names
     from extsvc.plugin.host import PluginHost
 
     settings = Settings.load()
     host = PluginHost.create(allow=settings.plugins_allow, block=settings.plugins_block)
     try:
-        runtime = await validate_file(path, host)
+        runtime = await validate_file(path, host, max_bytes=settings.max_config_bytes)
     except ConfigError as exc:
         print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return 1
     await runtime.close()
-    names = ", ".join(sorted(runtime.policies)) or "none"
-    print(f"{path}: OK ({len(runtime.policies)} policies: {names}; "
-          f"default: {runtime.config.default_policy or 'none'})")
-    extproc = runtime.config.extproc
-    if extproc.policies:
-        print(f"  extproc: {len(extproc.policies)} policies: {', '.join(sorted(extproc.policies))}; "
-              f"default: {extproc.default_policy or 'none'}")
-    section = runtime.config.ratelimit
+    config = runtime.config
+
+    def names(what: str, items: Iterable[str]) -> str:
+        items = list(items)
+        return f"{len(items)} {what}: {', '.join(sorted(items))}" if verbose else summarize_names(
+            what, items
+        )
+
+    print(f"{path}: OK")
+    print(f"  ext_authz: {names('policies', runtime.policies)}; "
+          f"default: {config.default_policy or 'none'}")
+    extproc = config.extproc
+    print(f"  ext_proc: {names('policies', extproc.policies)}; "
+          f"default: {extproc.default_policy or 'none'}")
+    section = config.ratelimit
     if section is not None:
         from extsvc.ratelimit.manager import load_domains
 
         domains, _ = load_domains(section, path.parent)
-        print(f"  ratelimit: {len(domains.domains)} domains: {', '.join(sorted(domains.domains))}; "
-              f"store: {section.store.type.value}")
+        print(f"  ratelimit: {names('domains', domains.domains)}; store: {section.store.type.value}")
+    for note in config.notes():
+        print(f"  note: {note}")
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("extsvc")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _plugins_list(as_json: bool) -> int:

@@ -12,8 +12,9 @@ arming the timer first: the same absolute deadline, the same cancellation on exp
 from __future__ import annotations
 
 import asyncio
+import time
 import types
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -102,6 +103,76 @@ def resume(coro: Coroutine[Any, Any, T], waiting_on: Any) -> Generator[Any, Any,
             except StopIteration as done:
                 result = done.value
                 return result
+
+
+class AnswerMargin:
+    """The part of an RPC's remaining time kept back to send the answer before the deadline.
+
+    An answer given after the caller's deadline is no answer: Envoy gives up first and applies its
+    own ``failure_mode_allow`` (with ``true``, a policy's ``on_error: deny`` becomes an allow). A
+    fixed few milliseconds lose that race as soon as the event loop is busy (timers fire late, and
+    many expire together when a dependency hangs), so the margin grows with the deadline:
+    ``max(floor_s, ratio * remaining)``, plus the lateness recently seen (see :meth:`observe`),
+    but never more than ``max_share`` of the remaining time, so a short deadline still leaves the
+    steps most of it. With the defaults: 200 ms -> 20 ms kept back, 1 s -> 100 ms, 30 ms -> 15 ms.
+    """
+
+    __slots__ = ("_clock", "_lag_at", "floor_s", "lag_s", "max_share", "ratio")
+
+    #: seconds after which the lateness seen is halved when no late answer renews it
+    LAG_HALF_LIFE_S = 1.0
+
+    def __init__(
+        self,
+        floor_s: float = 0.02,
+        ratio: float = 0.1,
+        max_share: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if floor_s < 0 or not 0 <= ratio < 1 or not 0 < max_share < 1:
+            raise ValueError("margin: floor_s >= 0, 0 <= ratio < 1 and 0 < max_share < 1")
+        self.floor_s = floor_s
+        self.ratio = ratio
+        self.max_share = max_share
+        self._clock = clock
+        #: how late answers to expired deadlines were recently ready (a decaying maximum)
+        self.lag_s = 0.0
+        self._lag_at = 0.0
+
+    def budget(self, remaining: float) -> float:
+        """The time the steps get out of ``remaining`` seconds (never negative)."""
+        if remaining <= 0.0:
+            return 0.0
+        margin = remaining * self.ratio
+        if margin < self.floor_s:
+            margin = self.floor_s
+        if self.lag_s:  # 0 unless answers were late lately: no clock read on the common path
+            margin += self._lag()
+        cap = remaining * self.max_share
+        if margin > cap:
+            margin = cap
+        return remaining - margin
+
+    def observe(self, late_s: float) -> None:
+        """Record how long after a step deadline its ``on_error`` answer was ready.
+
+        That is event-loop lag (timers fire late on a busy loop) plus the time to build the
+        answer; later budgets keep it back too. A later on-time answer halves it, and so does
+        every second without a late one, so one slow moment does not cost every later request
+        its time.
+        """
+        lag = self._lag() if self.lag_s else 0.0
+        self.lag_s = late_s if late_s > lag else (lag + late_s) / 2
+        self._lag_at = self._clock()
+
+    def _lag(self) -> float:
+        now = self._clock()
+        age = now - self._lag_at
+        if age >= self.LAG_HALF_LIFE_S:
+            lag = self.lag_s * 0.5 ** (age / self.LAG_HALF_LIFE_S)
+            self.lag_s = lag if lag >= 0.0001 else 0.0
+            self._lag_at = now
+        return self.lag_s
 
 
 async def within(awaitable: Awaitable[T], timeout_s: float) -> T:

@@ -17,18 +17,76 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    config: Path | None = Field(None, description="policy file; None = the embedded demo config")
-    grpc_address: str = "0.0.0.0:9001"
-    admin_address: str = "127.0.0.1:9002"
-    grace_period_s: float = Field(10.0, ge=0)
-    reload_interval_s: float = Field(1.0, gt=0)
-    workers: int = Field(1, ge=1, le=256)
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_client_ca_file: Path | None = Field(None, description="set = mTLS: clients must present")
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    config: Path | None = Field(None, description="policy file (unset: the embedded demo config)")
+    grpc_address: str = Field(
+        "0.0.0.0:9001", description="host:port of the gRPC services (all three, one port)"
+    )
+    admin_address: str = Field(
+        "127.0.0.1:9002", description="host:port of /healthz /readyz /metrics /status"
+    )
+    admin_max_connections: int = Field(
+        64, ge=1, le=10_000, description="admin connections open at once (the oldest idle is cut)"
+    )
+    admin_request_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="seconds an admin client has to send its request"
+    )
+    grace_period_s: float = Field(
+        10.0, ge=0, description="seconds in-flight RPCs get on SIGTERM; then they are cancelled "
+        "and the process exits regardless"
+    )
+    drain_delay_s: float = Field(
+        5.0, ge=0, le=300, description="seconds health is NOT_SERVING on SIGTERM before the port "
+        "stops accepting (health checks move traffic away first)"
+    )
+    plugin_start_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="seconds a plugin's start() may take; over: the config "
+        "is rejected"
+    )
+    max_config_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest policy file accepted (bigger: rejected)"
+    )
+    reflection: bool = Field(True, description="serve gRPC reflection on the gRPC port")
+    reload_interval_s: float = Field(1.0, gt=0, description="seconds between config file checks")
+    workers: int = Field(1, ge=1, le=256, description="processes sharing the gRPC port")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve gRPC over TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA of client certificates: set, clients must present one (mTLS)"
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message received or sent"
+    )
+    # What one request may carry (docs/hardening.md): over a cap, ext_authz denies (the policy's
+    # error_reply) and ext_proc answers 431 (request) / 502 (response).
+    max_request_headers: int = Field(
+        1000, ge=1, description="headers in one Check or ext_proc header/trailer message"
+    )
+    max_request_header_bytes: int = Field(
+        256 * 1024, ge=1024, description="bytes of header names and values in one of those"
+    )
+    max_request_body_bytes: int | None = Field(
+        None, ge=0, description="body bytes in one Check (unset: max_message_bytes)"
+    )
+    # Deadlines (docs/hardening.md): the answer must be written before the caller's deadline,
+    # so max(deadline_margin_ms, deadline_margin_ratio x the time left) is kept back from the
+    # steps (plus the lateness recently seen), but never more than half of the time left.
     deadline_margin_ms: float = Field(
-        5.0, ge=0, description="time kept back from the RPC deadline to send the answer"
+        20.0, ge=0, le=10_000,
+        description="least time kept back from the RPC deadline to send the answer",
+    )
+    deadline_margin_ratio: float = Field(
+        0.1, ge=0, le=0.5, description="share of the RPC's time left kept back (if above the least)"
+    )
+    # Concurrency caps (docs/hardening.md): beyond them new work is refused at once, counted in
+    # extsvc_shed_total, before memory runs away.
+    max_extproc_streams: int = Field(
+        4096, ge=1, description="ext_proc streams open at once; more: RESOURCE_EXHAUSTED"
+    )
+    max_authz_inflight: int = Field(
+        8192, ge=1, description="Checks in progress at once; more: the policy's on_error answer"
+    )
+    max_streams_per_connection: int = Field(
+        1024, ge=1, description="concurrent RPCs on one HTTP/2 connection (grpc.max_concurrent_streams)"
     )
     default_timeout_ms: float = Field(
         1000.0, gt=0, description="step deadline when Envoy sends none"
@@ -36,8 +94,8 @@ class Settings(BaseModel):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="auto = uvloop when installed (it is on Linux and macOS), else asyncio"
     )
-    log_level: str = "INFO"
-    log_format: Literal["text", "json"] = "text"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: Literal["text", "json"] = Field("text", description="text or json (one object a line)")
     plugins_allow: tuple[str, ...] | None = Field(
         None, description="only these third-party plugins (entry-point names) may load"
     )
@@ -45,6 +103,17 @@ class Settings(BaseModel):
     redact_headers: tuple[str, ...] = Field(
         (), description="more header names whose values are never logged"
     )
+
+    @classmethod
+    def environment_help(cls) -> str:
+        """One line per ``EXTSVC_*`` variable: its name, what it sets, its default."""
+        lines = []
+        for name, field in cls.model_fields.items():
+            default = field.default if field.default not in (None, ()) else "-"
+            lines.append(
+                f"  {ENV_PREFIX}{name.upper():<22} {field.description or ''} (default: {default})"
+            )
+        return "\n".join(lines)
 
     @field_validator("plugins_allow", "plugins_block", "redact_headers", mode="before")
     @classmethod

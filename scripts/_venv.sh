@@ -33,7 +33,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     done
   fi
   # pip's own progress lines, minus the noise of unreachable mirror locations
-  quiet() { grep --line-buffered -vE '^WARNING: Location .* is ignored|^Requirement already satisfied' || true; }
+  quiet() {
+    grep --line-buffered -vE '^WARNING: Location .* is ignored|^Requirement already satisfied|^Looking in|^Ignoring |^Obtaining |^ *(Checking if|Preparing|Building|Created wheel|Stored in|Attempting uninstall|Found existing|Uninstalling|Successfully uninstalled|Successfully built)|^$' || true
+  }
   if [ -n "$latest" ]; then
     say "installing the newest allowed versions ($what) into $VENV"
     "$VENV/bin/python" -m pip install --upgrade pip 2>&1 | quiet

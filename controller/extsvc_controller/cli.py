@@ -1,24 +1,48 @@
-"""``extsvc-controller render -f PATH... [-o FILE]`` and ``extsvc-controller explain -f PATH... ROUTE``."""
+"""``extsvc-controller render -f PATH... [-o FILE]`` and ``extsvc-controller explain -f PATH... ROUTE``.
+
+Exit codes: 0 done; 1 an object is invalid (``render``) or the route has no Envoy route
+(``explain``); 2 a path or an input that cannot be used, said in one line on stderr.
+Warnings (documents skipped, ``--endpoints`` entries that match nothing) go to stderr as
+``extsvc-controller: warning: ...`` lines and do not change the exit code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from . import render
-from .sources.files import ManifestError, load
+from . import diagnose, render
+from .sources.files import ManifestError, Manifests, describe, read
 from .translate import Options, Translation, translate
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
+
+PROG = "extsvc-controller"
 
 
-def _parser() -> argparse.ArgumentParser:
+class UsageError(Exception):
+    """A path or input the command cannot use: exit code 2, the message on one line."""
+
+
+def _version() -> str:
+    try:
+        return version("extsvc")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="extsvc-controller", description="kgateway GatewayExtension/TrafficPolicy -> Envoy config"
+        prog=PROG, description="kgateway GatewayExtension/TrafficPolicy -> Envoy config"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {_version()}", help="print the version and exit"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     for name, text in (
         ("render", "write a static Envoy bootstrap and print the statuses"),
         ("explain", "print the effective filter chain of an HTTPRoute (or one rule)"),
@@ -31,20 +55,36 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             required=True,
             type=Path,
-            help="manifest file or directory (repeatable)",
+            metavar="PATH",
+            help="manifest file or directory, or - for stdin (repeatable)",
         )
-        p.add_argument("--endpoints", type=Path, help="YAML: Service/listener/admin address overrides")
-        p.add_argument("--cluster-domain", default="cluster.local")
+        p.add_argument(
+            "--endpoints",
+            type=Path,
+            metavar="FILE",
+            help="YAML: Service/listener/admin address overrides",
+        )
+        p.add_argument(
+            "--cluster-domain",
+            default="cluster.local",
+            metavar="DOMAIN",
+            help="DNS suffix of Service hostnames: <svc>.<ns>.svc.DOMAIN (default: %(default)s)",
+        )
         p.add_argument(
             "--strict-reference-grants",
             action="store_true",
             help="require a ReferenceGrant for a TrafficPolicy -> GatewayExtension in another namespace",
         )
     render_p = sub.choices["render"]
-    render_p.add_argument("-o", "--output", type=Path, help="bootstrap file (default: stdout)")
-    render_p.add_argument("--status", type=Path, help="write the statuses here instead of stderr")
+    render_p.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="bootstrap file (default: stdout)"
+    )
+    render_p.add_argument(
+        "--status", type=Path, metavar="FILE", help="write the statuses here instead of stderr"
+    )
     render_p.add_argument(
         "--secret-dir",
+        metavar="DIR",
         help="write TLS certificates and keys under DIR/<ns>/<secret>/ and refer to them by path "
         "(default: inline in the bootstrap)",
     )
@@ -55,36 +95,87 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _translate(args: argparse.Namespace) -> Translation:
+def _output_problem(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` (None: it probably can)."""
+    if path.is_dir():
+        return "is a directory, expected a file"
+    parent = path.parent
+    if not parent.exists():
+        return f"directory {parent} does not exist"
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "permission denied"
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"permission denied: cannot create a file in {parent}"
+    return None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unusable output paths before anything is written."""
+    for option, path in (("--output", args.output), ("--status", args.status)):
+        problem = _output_problem(path) if path is not None else None
+        if problem:
+            raise UsageError(f"{option} {path}: {problem}")
+    if args.output is not None and args.status is not None and args.output.resolve() == args.status.resolve():
+        raise UsageError(f"--status {args.status}: the same file as --output")
+    if args.secret_dir is not None:
+        secret_dir = Path(args.secret_dir)
+        if secret_dir.exists() and not secret_dir.is_dir():
+            raise UsageError(f"--secret-dir {secret_dir}: not a directory")
+
+
+def _read(args: argparse.Namespace) -> tuple[Manifests, Options, Translation]:
+    if args.command == "render":
+        _check_outputs(args)
+    try:
+        manifests = read(args.paths, sys.stdin)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from exc
     base = Options(
         cluster_domain=args.cluster_domain,
         strict_reference_grants=args.strict_reference_grants,
         secret_dir=getattr(args, "secret_dir", None),
     )
-    options = render.load_endpoints(args.endpoints, base)
-    return translate(load(args.paths), options)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        translation = _translate(args)
-    except (ManifestError, ValueError, OSError) as exc:
-        print(f"extsvc-controller: {exc}", file=sys.stderr)
-        return 2
-    if args.command == "render":
-        text = render.bootstrap_yaml(translation)
+        options = render.load_endpoints(args.endpoints, base)
+    except (ManifestError, ValueError) as exc:
+        raise UsageError(f"--endpoints {exc}") from exc
+    try:
+        translation = translate(manifests.snapshot, options)
+    except ValueError as exc:  # e.g. a Secret whose data is not base64
+        raise UsageError(str(exc)) from exc
+    return manifests, options, translation
+
+
+def _write(option: str, path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {describe(exc)}") from exc
+
+
+def _render(args: argparse.Namespace, translation: Translation) -> int:
+    text = render.bootstrap_yaml(translation)
+    try:
         render.write_files(translation)
-        if args.output:
-            args.output.write_text(text, encoding="utf-8")
-        else:
-            sys.stdout.write(text)
-        statuses = render.statuses_yaml(translation.statuses)
-        if args.status:
-            args.status.write_text(statuses, encoding="utf-8")
-        else:
-            sys.stderr.write(statuses)
-        return 0 if translation.ok else 1
+    except OSError as exc:
+        raise UsageError(
+            f"--secret-dir {args.secret_dir}: {exc.filename or args.secret_dir}: {describe(exc)}"
+        ) from exc
+    if args.output:
+        _write("--output", args.output, text)
+    else:
+        sys.stdout.write(text)
+    statuses = render.statuses_yaml(translation.statuses)
+    if args.status:
+        _write("--status", args.status, statuses)
+    else:
+        sys.stderr.write(statuses)
+    return 0 if translation.ok else 1
+
+
+def _explain(args: argparse.Namespace, manifests: Manifests, translation: Translation) -> int:
     parts = args.route.split("/")
     ns, name, rule = (
         ("default", parts[0], None)
@@ -97,10 +188,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.route == f"{ns}/{name}" and (rule is None or rule in (e.rule_name, str(e.rule)))
     ]
     if not entries:
-        print(
-            f"extsvc-controller: no attached HTTPRoute {ns}/{name}" + (f" rule {rule}" if rule else ""),
-            file=sys.stderr,
-        )
+        reason = diagnose.not_programmed(manifests.snapshot, translation, ns, name, rule)
+        print(f"{PROG}: {reason}", file=sys.stderr)
         return 1
     sys.stdout.write(render.explain_text(entries))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifests, options, translation = _read(args)
+        warnings = [*manifests.warnings]
+        warnings += [
+            f"--endpoints {args.endpoints}: {w}"
+            for w in render.endpoint_warnings(manifests.snapshot, options)
+        ]
+        for warning in warnings:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
+        if args.command == "render":
+            return _render(args, translation)
+        return _explain(args, manifests, translation)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2

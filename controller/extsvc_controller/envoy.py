@@ -2,10 +2,11 @@
 
 envoy-data-plane's dataclasses check field names and types at construction and pack ``Any``
 with the right type URL. They are for the controller only: the server's request path uses the
-upb classes of xds-protos (STYLE.md §2).
+upb classes of xds-protos, which are several times faster.
 
 Every builder here is pure: plain values in, a message out. Filter names and shapes follow
-kgateway's scheme (kgateway-api.md §3.1): one filter per provider, inserted ``disabled: true`` and
+kgateway's scheme (docs/internals/kgateway-translation.md §3.1): one filter per provider, inserted
+``disabled: true`` and
 switched on per scope by ``typed_per_filter_config``.
 """
 
@@ -134,7 +135,7 @@ __all__ = [
 ]
 
 
-# Metadata namespaces of kgateway's global-disable filters (kgateway-api.md §3.5).
+# Metadata namespaces of kgateway's global-disable filters (docs/internals/kgateway-translation.md §3.5).
 DISABLE_EXT_AUTH_NS = "dev.kgateway.disable_ext_auth"
 DISABLE_EXT_PROC_NS = "dev.kgateway.disable_ext_proc"
 DISABLE_EXT_AUTH = "global_disable/ext_auth"
@@ -214,7 +215,7 @@ def cluster(name: str, host: str, port: int, *, http2: bool, static: bool) -> Cl
     """A cluster for one Service port; STATIC for an IP (``--endpoints``), STRICT_DNS otherwise."""
     options = {}
     if http2:
-        # envoy-protocols.md §0.1: a gRPC extension cluster must speak HTTP/2.
+        # docs/internals/envoy-behaviour.md §1.1: a gRPC extension cluster must speak HTTP/2.
         options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"] = pack(
             HttpProtocolOptions(
                 explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
@@ -332,7 +333,8 @@ def ext_authz_filter(name: str, spec: model.ExtAuthProvider, cluster_name: str) 
         status_on_error=HttpStatus(code=StatusCode(spec.status_on_error)),
         stat_prefix=spec.stat_prefix or "",
         allowed_headers=_exact(spec.headers_to_forward) if spec.headers_to_forward else None,
-        # kgateway-api.md §3.5: skipped when global_disable/ext_auth has set the metadata.
+        # Skipped when global_disable/ext_auth has set the metadata:
+        # docs/internals/kgateway-translation.md §3.5.
         filter_enabled_metadata=MetadataMatcher(
             filter=DISABLE_EXT_AUTH_NS,
             path=[MetadataMatcherPathSegment(key="disable")],
@@ -534,7 +536,7 @@ def _percent(value: int | None, key: str) -> RuntimeFractionalPercent:
 def local_ratelimit_per_route(policy: model.LocalRateLimit) -> Any:
     bucket = policy.token_bucket
     if bucket is None:
-        # kgateway-api.md §3.5: `local: {}` -> a bucket that is never enabled (0 %).
+        # docs/internals/kgateway-translation.md §3.5: `local: {}` -> a bucket that is never enabled (0 %).
         return pack(
             LocalRateLimit(
                 stat_prefix="http_local_rate_limiter",
@@ -659,7 +661,10 @@ def route(
 
 
 def replaced_route(name: str, match: RouteMatch) -> Route:
-    """kgateway-api.md §3.7: a rule with an invalid policy answers 500 (fail closed)."""
+    """A rule with an invalid policy answers 500: fail closed.
+
+    See docs/internals/kgateway-translation.md §3.7.
+    """
     return Route(
         name=name,
         match=match,
@@ -796,7 +801,7 @@ def tls_secret(name: str, cert_pem: bytes, key_pem: bytes) -> Secret:
 
 
 def tls_secret_files(name: str, cert_path: str, key_path: str) -> Secret:
-    """A certificate Envoy reads from files (STYLE.md §4: secrets are references to files)."""
+    """A certificate Envoy reads from files (the bootstrap refers to the key, never holds it)."""
     return Secret(
         name=name,
         tls_certificate=TlsCertificate(

@@ -1,7 +1,7 @@
 """Typed views of the Kubernetes objects the controller reads.
 
 Gateway API (``Gateway``, ``HTTPRoute``, ``ReferenceGrant``), core (``Service``, ``Secret``) and
-kgateway's ``GatewayExtension`` / ``TrafficPolicy`` (reference: kgateway-api.md §1-§2). The CRDs'
+kgateway's ``GatewayExtension`` / ``TrafficPolicy`` (docs/internals/kgateway-translation.md §1, §2). The CRDs'
 CEL rules are checked here with the CRDs' own messages, so a manifest the API server would refuse
 is refused here with the same words.
 
@@ -12,11 +12,15 @@ list of problems, and the translator reports them in the object's status.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+from . import crd
+from .crd import Problem, at_least, exactly_one, format_errors, get, parse_duration
 
 __all__ = [
     "GATEWAY_API",
@@ -36,28 +40,28 @@ __all__ = [
 GATEWAY_API = "gateway.networking.k8s.io"
 KGATEWAY = "gateway.kgateway.dev"
 
-_DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
-_DURATION_PART = re.compile(r"([0-9]{1,5})(ms|h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-def parse_duration(text: str) -> timedelta:
-    """A CRD duration (``1h30m``, ``250ms``) as a timedelta; ValueError if it is not one."""
-    if len(text) > 32 or not _DURATION.match(text):
-        raise ValueError("invalid timeout value")
-    seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
-    return timedelta(seconds=seconds)
-
-
-def _at_least_1ms(text: str | None, message: str) -> None:
-    if text is not None and parse_duration(text) < timedelta(milliseconds=1):
-        raise ValueError(message)
+_1MS = timedelta(milliseconds=1)
+_TIMEOUT_1MS = "timeout must be at least 1ms."
 
 
 class _M(BaseModel):
     """camelCase on the wire, snake_case in Python, unknown fields refused, immutable."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class _Checked(_M):
+    """A kgateway type with CEL rules (:mod:`.crd`): every failing rule is reported, also when
+    other fields fail their schema. Subclasses give the rules in :meth:`_rules`."""
+
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _crd_rules(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        return crd.validate(cls._rules, data, handler, cls.__name__)
 
 
 class _Open(_M):
@@ -245,12 +249,12 @@ class ReferenceGrant(_Open):
     spec: ReferenceGrantSpec
 
 
-# --- kgateway GatewayExtension (kgateway-api.md §1.1) ---------------------------------------------
+# --- kgateway GatewayExtension (docs/internals/kgateway-translation.md §1.1) -------------------------
 
 Duration = Annotated[str, Field(max_length=32)]
 
 
-class ExtBackendRef(_M):
+class ExtBackendRef(_Checked):
     group: str = ""
     kind: str = "Service"
     name: str = Field(min_length=1, max_length=253)
@@ -258,25 +262,26 @@ class ExtBackendRef(_M):
     port: int | None = Field(None, ge=1, le=65535)
     weight: int = Field(1, ge=0, le=1_000_000)
 
-    @model_validator(mode="after")
-    def _port(self) -> ExtBackendRef:
-        if self.group == "" and self.kind == "Service" and self.port is None:
-            raise ValueError("Must have port for Service reference")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        service = get(data, "group", "") == "" and get(data, "kind", "Service") == "Service"
+        return [("", "Must have port for Service reference")] if service and get(data, "port") is None else []
 
 
-class RetryBackoff(_M):
+class RetryBackoff(_Checked):
     base_interval: Duration
     max_interval: Duration | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> RetryBackoff:
-        _at_least_1ms(self.base_interval, "retry.BaseInterval must be at least 1ms.")
-        if self.max_interval is not None and parse_duration(self.max_interval) < parse_duration(
-            self.base_interval
-        ):
-            raise ValueError("maxInterval must be greater than or equal to baseInterval")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        base = crd.duration(data, "base_interval", problems)
+        if base is not None and base < _1MS:
+            problems.append(("baseInterval", "retry.BaseInterval must be at least 1ms."))
+        longest = crd.duration(data, "max_interval", problems)
+        if base is not None and longest is not None and longest < base:
+            problems.append(("", "maxInterval must be greater than or equal to baseInterval"))
+        return problems
 
 
 class ExtSvcRetry(_M):
@@ -284,16 +289,17 @@ class ExtSvcRetry(_M):
     backoff: RetryBackoff | None = None
 
 
-class ExtGrpcService(_M):
+class ExtGrpcService(_Checked):
     backend_ref: ExtBackendRef
     authority: str | None = None
     request_timeout: Duration | None = None
     retry: ExtSvcRetry | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtGrpcService:
-        _at_least_1ms(self.request_timeout, "timeout must be at least 1ms.")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        at_least(data, "request_timeout", _1MS, _TIMEOUT_1MS, problems)
+        return problems
 
 
 class AuthorizationRequest(_M):
@@ -306,7 +312,7 @@ class AuthorizationResponse(_M):
     headers_to_client_on_success: list[str] = Field(default_factory=list)
 
 
-class ExtHttpService(_M):
+class ExtHttpService(_Checked):
     backend_ref: ExtBackendRef
     path_prefix: str = ""
     request_timeout: Duration | None = None
@@ -314,10 +320,11 @@ class ExtHttpService(_M):
     authorization_response: AuthorizationResponse | None = None
     retry: ExtSvcRetry | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtHttpService:
-        _at_least_1ms(self.request_timeout, "timeout must be at least 1ms.")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        at_least(data, "request_timeout", _1MS, _TIMEOUT_1MS, problems)
+        return problems
 
 
 class BufferSettings(_M):
@@ -326,12 +333,7 @@ class BufferSettings(_M):
     pack_as_bytes: bool = False
 
 
-def _exactly_one(obj: BaseModel, names: tuple[str, ...], wire: str) -> None:
-    if sum(getattr(obj, n) is not None for n in names) != 1:
-        raise ValueError(f"exactly one of the fields in [{wire}] must be set")
-
-
-class ExtAuthProvider(_M):
+class ExtAuthProvider(_Checked):
     grpc_service: ExtGrpcService | None = None
     http_service: ExtHttpService | None = None
     headers_to_forward: list[str] | None = None
@@ -341,10 +343,9 @@ class ExtAuthProvider(_M):
     status_on_error: int = Field(403, ge=100, le=511)
     stat_prefix: str | None = Field(None, min_length=1)
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtAuthProvider:
-        _exactly_one(self, ("grpc_service", "http_service"), "grpcService httpService")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return exactly_one(data, ("grpc_service", "http_service"))
 
 
 HeaderMode = Literal["DEFAULT", "SEND", "SKIP"]
@@ -378,7 +379,7 @@ class FilterStage(_M):
     weight: int = 0
 
 
-class ExtProcProvider(_M):
+class ExtProcProvider(_Checked):
     grpc_service: ExtGrpcService
     fail_open: bool = True
     processing_mode: ProcessingMode | None = None
@@ -392,24 +393,26 @@ class ExtProcProvider(_M):
     request_attributes: list[str] | None = None
     filter_stage: FilterStage | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtProcProvider:
-        _at_least_1ms(self.message_timeout, "timeout must be at least 1ms.")
-        _at_least_1ms(self.max_message_timeout, "timeout must be at least 1ms.")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        at_least(data, "message_timeout", _1MS, _TIMEOUT_1MS, problems)
+        at_least(data, "max_message_timeout", _1MS, _TIMEOUT_1MS, problems)
+        return problems
 
 
-class RateLimitProvider(_M):
+class RateLimitProvider(_Checked):
     grpc_service: ExtGrpcService
     domain: str = Field(min_length=1)
     fail_open: bool = True
     timeout: Duration = "100ms"
     x_rate_limit_headers: Literal["Off", "DraftVersion03"] = Field("Off", alias="xRateLimitHeaders")
 
-    @model_validator(mode="after")
-    def _check(self) -> RateLimitProvider:
-        parse_duration(self.timeout)  # regex only (no >= 1ms rule in the CRD)
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        crd.duration(data, "timeout", problems)  # the format only (no >= 1ms rule in the CRD)
+        return problems
 
 
 _EXT_TYPES = {
@@ -428,7 +431,7 @@ _EXT_MESSAGES = {
 }
 
 
-class GatewayExtensionSpec(_M):
+class GatewayExtensionSpec(_Checked):
     type: Literal["ExtAuth", "ExtProc", "RateLimit", "JWT", "OAuth2"] | None = None
     ext_auth: ExtAuthProvider | None = None
     ext_proc: ExtProcProvider | None = None
@@ -436,16 +439,13 @@ class GatewayExtensionSpec(_M):
     jwt: dict[str, Any] | None = None
     oauth2: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> GatewayExtensionSpec:
-        _exactly_one(
-            self,
-            ("ext_auth", "ext_proc", "rate_limit", "jwt", "oauth2"),
-            "extAuth extProc rateLimit jwt oauth2",
-        )
-        if self.type is not None and getattr(self, _EXT_TYPES[self.type]) is None:
-            raise ValueError(_EXT_MESSAGES[self.type])
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems = exactly_one(data, _EXT_TYPES.values())
+        kind = get(data, "type")
+        if isinstance(kind, str) and kind in _EXT_TYPES and get(data, _EXT_TYPES[kind]) is None:
+            problems.append(("", _EXT_MESSAGES[kind]))
+        return problems
 
     @property
     def kind(self) -> str:
@@ -462,39 +462,43 @@ class GatewayExtension(_Open):
     spec: GatewayExtensionSpec
 
 
-# --- kgateway TrafficPolicy (kgateway-api.md §2) --------------------------------------------------
+# --- kgateway TrafficPolicy (docs/internals/kgateway-translation.md §2) --------------------------------
 
 _TARGET_KINDS = "targetRefs may only reference Gateway, HTTPRoute, GRPCRoute, or ListenerSet resources"
 _SECTION = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-def _target_kind(kind: str) -> None:
-    if not (kind in ("Gateway", "HTTPRoute", "GRPCRoute") or kind.endswith("ListenerSet")):
-        raise ValueError(_TARGET_KINDS)
+def _target_kind(data: Mapping[str, Any]) -> list[Problem]:
+    kind = get(data, "kind")
+    if (
+        not isinstance(kind, str)
+        or kind in ("Gateway", "HTTPRoute", "GRPCRoute")
+        or kind.endswith("ListenerSet")
+    ):
+        return []
+    return [("", _TARGET_KINDS)]
 
 
-class TargetRef(_M):
+class TargetRef(_Checked):
     group: str
     kind: str
     name: str = Field(min_length=1)
     section_name: str | None = Field(None, min_length=1, max_length=253, pattern=_SECTION.pattern)
 
-    @model_validator(mode="after")
-    def _check(self) -> TargetRef:
-        _target_kind(self.kind)
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return _target_kind(data)
 
 
-class TargetSelector(_M):
+class TargetSelector(_Checked):
     group: str
     kind: str
     match_labels: dict[str, str]
     section_name: str | None = Field(None, min_length=1, max_length=253, pattern=_SECTION.pattern)
 
-    @model_validator(mode="after")
-    def _check(self) -> TargetSelector:
-        _target_kind(self.kind)
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return _target_kind(data)
 
 
 class NamespacedRef(_M):
@@ -506,39 +510,39 @@ class Empty(_M):
     pass
 
 
-class ExtAuthPolicy(_M):
+class ExtAuthPolicy(_Checked):
     extension_ref: NamespacedRef | None = None
     with_request_body: BufferSettings | None = None
     context_extensions: dict[str, str] | None = None
     disable: Empty | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtAuthPolicy:
-        _exactly_one(self, ("extension_ref", "disable"), "extensionRef disable")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return exactly_one(data, ("extension_ref", "disable"))
 
 
-class ExtProcPolicy(_M):
+class ExtProcPolicy(_Checked):
     extension_ref: NamespacedRef | None = None
     processing_mode: ProcessingMode | None = None
     disable: Empty | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> ExtProcPolicy:
-        _exactly_one(self, ("extension_ref", "disable"), "extensionRef disable")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        return exactly_one(data, ("extension_ref", "disable"))
 
 
-class TokenBucket(_M):
+class TokenBucket(_Checked):
     max_tokens: int = Field(ge=1)
     tokens_per_fill: int = Field(1, ge=1)
     fill_interval: Duration
 
-    @model_validator(mode="after")
-    def _check(self) -> TokenBucket:
-        if parse_duration(self.fill_interval) < timedelta(milliseconds=50):
-            raise ValueError("must be at least 50ms")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        problems: list[Problem] = []
+        fill = crd.duration(data, "fill_interval", problems)
+        if fill is not None and fill < timedelta(milliseconds=50):
+            problems.append(("", "must be at least 50ms"))
+        return problems
 
 
 class LocalRateLimit(_M):
@@ -557,20 +561,21 @@ class GenericEntry(_M):
     value: str = Field(min_length=1)
 
 
-class DescriptorEntry(_M):
+class DescriptorEntry(_Checked):
     type: Literal["Generic", "Header", "RemoteAddress", "Path"]
     generic: GenericEntry | None = None
     header: str | None = Field(None, min_length=1)
 
-    @model_validator(mode="after")
-    def _check(self) -> DescriptorEntry:
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        kind, generic, header = get(data, "type"), get(data, "generic"), get(data, "header")
+        if kind not in ("Generic", "Header", "RemoteAddress", "Path"):
+            return []  # the schema says so
         ok = {
-            "Generic": self.generic is not None and self.header is None,
-            "Header": self.header is not None and self.generic is None,
-        }.get(self.type, self.generic is None and self.header is None)
-        if not ok:
-            raise ValueError("exactly one entry type must be specified")
-        return self
+            "Generic": generic is not None and header is None,
+            "Header": header is not None and generic is None,
+        }.get(kind, generic is None and header is None)
+        return [] if ok else [("", "exactly one entry type must be specified")]
 
 
 class Descriptor(_M):
@@ -587,7 +592,8 @@ class RateLimitPolicy(_M):
     global_: GlobalRateLimit | None = Field(None, alias="global")
 
 
-# Sections of TrafficPolicy that kgateway has and this controller does not translate (§2.5): they
+# Sections of TrafficPolicy that kgateway has and this controller does not translate
+# (docs/internals/kgateway-translation.md §2.3): they
 # are accepted as written and reported in the status, never silently dropped.
 UNSUPPORTED_SECTIONS = (
     "transformation",
@@ -614,14 +620,15 @@ UNSUPPORTED_SECTIONS = (
 )
 
 
-# Of UNSUPPORTED_SECTIONS, those that restrict who gets through (kgateway-api.md §2.5). Accepting
-# one without enforcing it would let through what the policy was written to stop, so a policy
-# carrying one is rejected instead and its targets answer 500 (docs/controller.md, "Differences
-# from kgateway"). ``{disable: {}}`` alone restricts nothing and stays a reported no-op.
+# Of UNSUPPORTED_SECTIONS, those that restrict who gets through
+# (docs/internals/kgateway-translation.md §2.3). Accepting one without enforcing it would let
+# through what the policy was written to stop, so a policy carrying one is rejected instead and
+# its targets answer 500 (docs/controller.md, "Differences from kgateway"). ``{disable: {}}``
+# alone restricts nothing and stays a reported no-op.
 SECURITY_SECTIONS = ("acl", "apiKeyAuth", "basicAuth", "jwtAuth", "oauth2", "rbac")
 
 
-class TrafficPolicySpec(_M):
+class TrafficPolicySpec(_Checked):
     model_config = ConfigDict(frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True)
 
     target_refs: list[TargetRef] | None = Field(None, min_length=1, max_length=16)
@@ -630,12 +637,11 @@ class TrafficPolicySpec(_M):
     ext_proc: ExtProcPolicy | None = None
     rate_limit: RateLimitPolicy | None = None
 
-    @model_validator(mode="after")
-    def _unknown(self) -> TrafficPolicySpec:
-        unknown = sorted(set(self.model_extra or {}) - set(UNSUPPORTED_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown field(s): {', '.join(unknown)}")
-        return self
+    @classmethod
+    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
+        known = {n for name, f in cls.model_fields.items() for n in (name, f.alias)}
+        unknown = sorted(str(k) for k in data if k not in known and k not in UNSUPPORTED_SECTIONS)
+        return [("", f"unknown field(s): {', '.join(unknown)}")] if unknown else []
 
     @property
     def unsupported(self) -> tuple[str, ...]:
@@ -685,28 +691,6 @@ _KINDS: dict[str, type[BaseModel]] = {
     "GatewayExtension": GatewayExtension,
     "TrafficPolicy": TrafficPolicy,
 }
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "model-after") or "[" in str(part):
-            continue
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def format_errors(exc: ValidationError) -> list[str]:
-    """Pydantic errors as ``<field path>: <message>`` lines, with the CRD's wording."""
-    lines = []
-    for err in exc.errors():
-        message = str(err["msg"]).removeprefix("Value error, ")
-        where = _path(tuple(err["loc"]))
-        lines.append(f"{where}: {message}" if where else message)
-    return lines
 
 
 def parse_object(raw: dict[str, Any]) -> tuple[Object | None, list[str]]:

@@ -1,12 +1,13 @@
 """The translator: a snapshot of resources in, Envoy config and a status per object out.
 
 PURE: no I/O, no clock, no randomness; the same snapshot gives byte-identical output. It follows
-kgateway's scheme (kgateway-api.md §3): a filter per provider (``ext_auth/<ns>/<name>``,
-``ext_proc/<ns>/<name>``, ``ratelimit/<ns>/<name>``, ``ratelimit/local``) inserted disabled and
-enabled per scope; ``disable: {}`` through the set_metadata ``global_disable/*`` filters;
-per-filter config at RouteConfiguration / VirtualHost / Route scope by attachment level (§3.4);
-precedence and shallow merge per field (§3.6); an invalid policy replaces what it is attached to
-with a 500 (§3.7: fail closed, never open).
+kgateway's scheme (docs/internals/kgateway-translation.md §3): a filter per provider
+(``ext_auth/<ns>/<name>``, ``ext_proc/<ns>/<name>``, ``ratelimit/<ns>/<name>``, ``ratelimit/local``)
+inserted disabled and enabled per scope; ``disable: {}`` through the set_metadata
+``global_disable/*`` filters; per-filter config at RouteConfiguration / VirtualHost / Route scope
+by attachment level (docs/internals/kgateway-translation.md §3.4); precedence and shallow merge per field
+(docs/internals/kgateway-translation.md §3.6); an invalid policy replaces what it is attached to with a 500
+(docs/internals/kgateway-translation.md §3.7: fail closed, never open).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["Ancestor", "Condition", "Invalid", "Options", "Snapshot", "Status", 
 
 CONTROLLER = "kgateway.dev/kgateway"
 _H2 = {"http2", "grpc", "grpc-web", "kubernetes.io/h2c"}
-# kgateway-api.md §3.2: stage, relative weight (Before -1, During 0, After +1).
+# docs/internals/kgateway-translation.md §3.2: stage, relative weight (Before -1, During 0, After +1).
 _STAGES = {
     "Fault": 0,
     "Cors": 1,
@@ -71,8 +72,8 @@ class Options:
     listen_address: str = "0.0.0.0"  # noqa: S104 (a gateway listens on all addresses by default)
     cluster_domain: str = "cluster.local"
     strict_reference_grants: bool = False
-    # STYLE.md §4: with a directory, TLS keys are files Envoy reads (Translation.files lists
-    # what to write there), not bytes inlined in the bootstrap.
+    # With a directory, TLS keys are files Envoy reads (Translation.files lists what to write
+    # there), not bytes inlined in the bootstrap: keys stay out of generated config.
     secret_dir: str | None = None
 
 
@@ -215,9 +216,13 @@ class _Translator:
         self.extensions: dict[tuple[str, str], model.GatewayExtension] = by["GatewayExtension"]  # type: ignore[assignment]
         self.clusters: dict[str, envoy.Cluster] = {}
         self.policies: dict[tuple[str, str], Policy] = {}
+        # Invalid GatewayExtensions by key: a policy using one says so, not "not found".
+        self.invalid_extensions: dict[tuple[str, str], str] = {}
         for inv in snapshot.invalid:
             status = self.status(inv.kind, inv.namespace, inv.name)
             status.conditions.append(Condition("Accepted", "False", "Invalid", "; ".join(inv.errors)))
+            if inv.kind == "GatewayExtension":
+                self.invalid_extensions[(inv.namespace, inv.name)] = "; ".join(inv.errors)
             if inv.kind == "TrafficPolicy" and inv.targeting is not None:
                 self.policies[(inv.namespace, inv.name)] = Policy(
                     inv.namespace, inv.name, 0, "", list(inv.errors), [], None, inv.targeting
@@ -317,7 +322,12 @@ class _Translator:
         ns = ref.namespace or policy.obj_ns
         ext = self.extensions.get((ns, ref.name))
         if ext is None:
-            policy.errors.append(f"{prefix}: {ns}/{ref.name}: gateway extension not found")
+            invalid = self.invalid_extensions.get((ns, ref.name))
+            policy.errors.append(
+                f"{prefix}: {ns}/{ref.name}: gateway extension not found"
+                if invalid is None
+                else f"{prefix}: gateway extension {ns}/{ref.name} is invalid: {invalid}"
+            )
             return None
         if ext.spec.kind != kind:
             policy.errors.append(f"expected gatewayextension type {kind}")
@@ -359,8 +369,8 @@ class _Translator:
             return None
         name = f"{kind.lower().replace('extauth', 'ext_auth').replace('extproc', 'ext_proc')}/{ns}/{ref.name}"
         if isinstance(svc, model.ExtGrpcService) and not http2:
-            # kgateway-api.md §3.3: without appProtocol the gRPC extension gets HTTP/1.1 and every
-            # call fails; kgateway does this silently, we say so.
+            # docs/internals/kgateway-translation.md §3.3: without appProtocol the gRPC extension gets
+            # HTTP/1.1 and every call fails; kgateway does this silently, we say so.
             policy.warnings.append(
                 f"{name}: Service {bns}/{backend.name} port {backend.port} has no appProtocol grpc/http2/"
                 "kubernetes.io/h2c: Envoy will speak HTTP/1.1 to it and every gRPC call will fail"
@@ -396,7 +406,8 @@ class _Translator:
         """Resolve each valid policy's providers; errors make it invalid (kgateway ``ConstructIR``)."""
         for (ns, name), gwext in sorted(self.extensions.items()):
             if gwext.spec.kind in ("JWT", "OAuth2"):
-                # kgateway-api.md §1.1: out of scope for extsvc; say so rather than nothing.
+                # Out of scope for extsvc: say so rather than nothing.
+                # docs/internals/kgateway-translation.md §1.1.
                 self.status("GatewayExtension", ns, name).conditions.append(
                     Condition(
                         "extsvc.dev/Supported",
@@ -417,8 +428,11 @@ class _Translator:
                 if ref is not None:
                     ext_key = (ref[0] or policy.obj_ns, ref[1])
                     ext = self.extensions.get(ext_key)
+                    invalid = self.invalid_extensions.get(ext_key)
                     what = f" (GatewayExtension {ext_key[0]}/{ext_key[1]}" + (
-                        f", type {ext.spec.kind})" if ext is not None else ": not found)"
+                        f", type {ext.spec.kind})"
+                        if ext is not None
+                        else (": not found)" if invalid is None else f" is invalid: {invalid})")
                     )
                 policy.errors.append(
                     f"{section}: not supported by extsvc-controller{what}; rejected to fail closed"
@@ -439,7 +453,10 @@ class _Translator:
     # --- merging ------------------------------------------------------------------------------
 
     def merge(self, attached: Sequence[tuple[int, Policy]]) -> tuple[dict[str, Policy], list[Policy]]:
-        """Shallow merge per field (§3.6): (winner per field, invalid policies among ``attached``)."""
+        """Shallow merge per field (docs/internals/kgateway-translation.md §3.6).
+
+        :returns: (winner per field, invalid policies among ``attached``).
+        """
         ordered = sorted(attached, key=lambda lp: (-lp[0], -lp[1].weight, lp[1].created, lp[1].ref))
         invalid = [p for _, p in ordered if p.errors]
         winners: dict[str, Policy] = {}
@@ -951,7 +968,8 @@ def _chain(
     filters = [envoy.disable_filter(n) for n in sorted(disables)]
     filters += [p.filter for p in sorted(used.values(), key=lambda p: p.sort_key)]
     if envoy.LOCAL_RATELIMIT in _local_users(rc):
-        # ratelimit/local sorts by name among the During-RateLimit filters (§3.2).
+        # ratelimit/local sorts by name among the During-RateLimit filters
+        # (docs/internals/kgateway-translation.md §3.2).
         filters.append(envoy.local_ratelimit_filter())
         filters = _sort_filters(filters, used)
     filters.append(envoy.router_filter())
@@ -990,7 +1008,8 @@ def _route(
     rule = route.spec.rules[e.rule_index]
     rname = f"{ns}-{name}-rule-{e.rule_index}-match-{e.match_index}"
     match = envoy.route_match(rule.matches[e.match_index])
-    # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route (§3.6).
+    # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route
+    # (docs/internals/kgateway-translation.md §3.6).
     scope: list[tuple[int, Policy]] = []
     problems: list[str] = []
     for p in t.targeting("HTTPRoute", ns, name):

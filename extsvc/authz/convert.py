@@ -1,6 +1,6 @@
 """ext_authz protobufs <-> the project's value objects. The only module importing them.
 
-References are to ../shared/reference/envoy-protocols.md (§1: ext_authz, §0.4: append semantics).
+§ references are to docs/internals/envoy-behaviour.md (§2: ext_authz, §1.4: ``append``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from extsvc.authz.model import CheckContext, Decision, Peer, ResponseHeaderAction
+from extsvc.authz.pipeline import CompiledPolicy, Outcome
+from extsvc.limits import Overflow, Rejections, RequestLimits, over_header_caps
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -30,20 +32,76 @@ _APPEND_ACTIONS = {
 }
 
 
-def to_check_context(request: Any) -> CheckContext:
-    """A :class:`CheckContext` over a CheckRequest; each field is read on first access."""
-    return _EnvoyCheckContext(request.attributes)
+_NO_LIMITS = RequestLimits()
 
 
-class _EnvoyCheckContext(CheckContext):
+def to_check_context(request: Any, limits: RequestLimits = _NO_LIMITS) -> EnvoyCheckContext:
+    """A :class:`CheckContext` over a CheckRequest; each field is read on first access.
+
+    The request is held against ``limits`` first (one ``ByteSize()`` for the common request):
+    one over a cap gets a context whose ``over_limit`` says which, and whose headers read as
+    empty, so that nothing decodes what it carries. See :func:`rejected_outcome`.
+    """
+    check = EnvoyCheckContext(request.attributes)
+    http = check._http
+    size = http.ByteSize()
+    if size > limits.quick_bytes:
+        overflow = _over_limits(http, size, limits)
+        if overflow is not None:
+            check.over_limit = overflow
+            check._headers = _EMPTY
+    return check
+
+
+def _over_limits(http: Any, size: int, limits: RequestLimits) -> Overflow | None:
+    """The cap ``http`` (an AttributeContext.HttpRequest of ``size`` bytes serialized) is over, if
+    any. Each count runs only when the cheaper ones cannot rule the cap out, and the header count
+    (checked first) bounds the loop adding up the header bytes."""
+    count = len(http.headers) + len(http.header_map.headers)
+    header_bytes = -1
+    if count <= limits.max_headers and size > limits.max_header_bytes:
+        header_bytes = sum(len(name) + len(value) for name, value in http.headers.items())
+        for header in http.header_map.headers:
+            header_bytes += len(header.key) + (len(header.raw_value) or len(header.value.encode()))
+    overflow = over_header_caps(count, header_bytes, limits, "Check")
+    if overflow is not None or size <= limits.max_body_bytes:
+        return overflow
+    body = len(http.raw_body) or len(http.body.encode())
+    if body > limits.max_body_bytes:
+        return Overflow(
+            "body-bytes",
+            f"Check: a body of {body:,} bytes, over max_request_body_bytes={limits.max_body_bytes:,}",
+        )
+    return None
+
+
+def rejected_outcome(policy: CompiledPolicy, check: EnvoyCheckContext, rejections: Rejections) -> Outcome:
+    """The answer to a Check over a cap (``check.over_limit``): the policy's ``error_reply``.
+
+    Never an allow, and never an ``error_response`` either (with which Envoy's
+    ``failure_mode_allow`` could let the request through), whatever the policy's ``on_error``:
+    a request over a cap is refused, not a failure of extsvc. Counted and logged.
+    """
+    overflow = check.over_limit
+    assert overflow is not None
+    request_id = str(check._http.headers.get("x-request-id", ""))  # the map: no decoding
+    rejections.record(overflow, f"{policy.error_decision.status} (error_reply)", policy.name, request_id)
+    decision = policy.error_decision.with_reason(f"request over a cap: {overflow.message}")
+    return Outcome(decision, "error")
+
+
+class EnvoyCheckContext(CheckContext):
     """The lazy CheckContext: a step pays only for the fields it reads (most read two or three).
 
     Unset slots raise AttributeError, which doubles as "not computed yet" -- except for those
     read by most requests (``headers``, ``context_extensions``, ``path``/``query``), which start
     as None: a raised and caught AttributeError costs more than the slot assignment.
+
+    :ivar over_limit: the cap of :class:`~extsvc.limits.RequestLimits` the request is over
+        (``None``: under all of them); see :func:`to_check_context`.
     """
 
-    __slots__ = ("_attrs", "_http")
+    __slots__ = ("_attrs", "_http", "over_limit")
 
     def __init__(self, attrs: Any) -> None:
         self._attrs = attrs
@@ -52,6 +110,7 @@ class _EnvoyCheckContext(CheckContext):
         self._headers = None  # type: ignore[assignment]
         self._context_extensions = None  # type: ignore[assignment]
         self._path = None  # type: ignore[assignment]
+        self.over_limit: Overflow | None = None
 
     @property
     def method(self) -> str:
@@ -178,14 +237,30 @@ def bind_policy(request: CheckContext, name: str) -> None:
 
 
 def _headers(http: Any) -> Mapping[str, str]:
-    # §1.1: `headers` (map, lower-case, duplicates comma-joined) unless encode_raw_headers is on,
+    # docs/internals/envoy-behaviour.md §2.1: `headers` (map, lower-case, duplicates comma-joined) unless
+    # encode_raw_headers is on,
     # then `header_map` with raw values and no joining -- join them here so plugins see one shape.
     if http.HasField("header_map") and len(http.header_map.headers):
         joined: dict[str, str] = {}
+        # A repeated name's values are collected and joined once: joining as they came copied
+        # the whole value for every repeat (quadratic: 800k repeats held the loop for 15 s).
+        repeated: dict[str, list[str]] | None = None
         for header in http.header_map.headers:
             name = header.key.lower()
             value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
-            joined[name] = f"{joined[name]},{value}" if name in joined else value
+            if name in joined:
+                if repeated is None:
+                    repeated = {}
+                values = repeated.get(name)
+                if values is None:
+                    repeated[name] = [joined[name], value]
+                else:
+                    values.append(value)
+            else:
+                joined[name] = value
+        if repeated is not None:
+            for name, values in repeated.items():
+                joined[name] = ",".join(values)
         return MappingProxyType(joined)
     # The protobuf map itself, read-only behind a view: no copy per request.
     return _HeaderView(http.headers)
@@ -277,7 +352,7 @@ def python_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
 
 
 def to_check_response(decision: Decision, *, envoy_error: bool = False) -> Any:
-    """A :class:`Decision` as the CheckResponse Envoy acts on (§1.2 decision table).
+    """A :class:`Decision` as the CheckResponse Envoy acts on (docs/internals/envoy-behaviour.md §2.2).
 
     The response is remembered on the (immutable) decision, so constant decisions -- a step's
     fixed denial, a cached token's allow -- are encoded once, not per request.
@@ -294,18 +369,19 @@ def to_check_response(decision: Decision, *, envoy_error: bool = False) -> Any:
 def _build_response(decision: Decision, *, envoy_error: bool) -> Any:
     if decision.allowed:
         return _ok_response(decision)
-    # §1.6 item 2: deny with a non-zero status.code, never by aborting the RPC.
+    # docs/internals/envoy-behaviour.md §2.2: deny with a non-zero status.code, never by aborting the RPC.
     response = CheckResponse(status=status_pb2.Status(code=decision.grpc_code or 7))
     reply = response.error_response if envoy_error else response.denied_response
     # An empty error_response must still be sent: without it Envoy sees a plain denial (403) and
-    # never applies status_on_error / failure_mode_allow (§1.2 decision table).
+    # never applies status_on_error / failure_mode_allow (docs/internals/envoy-behaviour.md §2.2).
     reply.SetInParent()
     if not envoy_error:  # unset error_response.status -> Envoy's status_on_error
         reply.status.code = decision.status
     if decision.body:
         reply.body = decision.body
     for name, value in decision.headers:
-        # §0.4: on local replies leave `append` unset (append: true headers are dropped).
+        # docs/internals/envoy-behaviour.md §1.4: on local replies leave `append` unset (append: true headers
+        # are dropped).
         reply.headers.add().header.CopyFrom(base_pb2.HeaderValue(key=name, value=value))
     return response
 
@@ -314,7 +390,7 @@ def _ok_response(decision: Decision) -> Any:
     response = CheckResponse(status=status_pb2.Status(code=0))
     ok = response.ok_response
     ok.SetInParent()
-    # §0.4: for request headers only the `append` bool counts in Envoy 1.40:
+    # docs/internals/envoy-behaviour.md §1.4: for request headers only the `append` bool counts in Envoy 1.40:
     # false = overwrite or add; true = comma-append, and only if the header exists.
     for name, value in decision.upstream_set:
         option = ok.headers.add()
@@ -340,6 +416,7 @@ def _ok_response(decision: Decision) -> Any:
     if decision.query_remove:
         ok.query_parameters_to_remove.extend(decision.query_remove)
     if decision.metadata:
-        # §1.2: the outer dynamic_metadata, not the deprecated ok_response one (it would replace it)
+        # The outer dynamic_metadata, not the deprecated ok_response one (it would replace it):
+        # docs/internals/envoy-behaviour.md §2.2.
         response.dynamic_metadata.CopyFrom(python_to_struct(decision.metadata))
     return response

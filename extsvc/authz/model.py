@@ -24,8 +24,9 @@ def _empty() -> Mapping[str, Any]:
 class Peer:
     """One end of the downstream connection, as Envoy saw it.
 
-    ``principal`` and ``certificate`` are only filled on TLS listeners (envoy-protocols.md §1.1):
-    the URI SAN (else DNS SAN, else subject) and the URL-encoded PEM of the peer certificate.
+    ``principal`` and ``certificate`` are only filled on TLS listeners: the URI SAN (else DNS SAN,
+    else subject) and the URL-encoded PEM of the peer certificate
+    (docs/internals/envoy-behaviour.md §2.1).
     """
 
     address: str = ""
@@ -198,7 +199,10 @@ class CheckContext:
 
 
 class ResponseHeaderAction(StrEnum):
-    """How a header is added to the upstream's response (Envoy honours these; §0.4)."""
+    """How a header is added to the upstream's response (Envoy honours these).
+
+    See docs/internals/envoy-behaviour.md §1.4.
+    """
 
     APPEND = "append"  # add another header line (Envoy's default)
     ADD_IF_ABSENT = "add-if-absent"

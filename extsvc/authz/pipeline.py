@@ -12,6 +12,7 @@ from typing import Any
 from extsvc.authz.model import CheckContext, Decision
 from extsvc.config.model import Combine, OnError
 from extsvc.deadline import Deadline, resume
+from extsvc.observability.logging import LogThrottle
 from extsvc.plugin.protocols import Authorizer
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class CompiledPolicy:
         self.counters = counters
         #: headers that carry an identity upstream (IdentitySource), scrubbed on every allow
         self.identity_headers = tuple(sorted(identity_headers))
+        #: step failures are logged once per step, cause and interval (the metrics count all):
+        #: a dependency that hangs fails every request at once, and a burst of warnings then
+        #: delays the very answers that must beat the deadline
+        self._throttle = LogThrottle()
 
     async def evaluate(self, request: CheckContext, deadline: float) -> Outcome:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
@@ -152,12 +157,15 @@ class CompiledPolicy:
 
     def _raised(self, step: CompiledStep, request: CheckContext, exc: Exception) -> StepFailed:
         step.raised.inc()
-        log.warning(
-            "policy %s: step %s (%s) raised %r [request_id=%s]",
-            self.name, step.label, step.kind, exc, request.request_id,
-            exc_info=log.isEnabledFor(logging.DEBUG),
-        )
-        return StepFailed(step, f"raised {type(exc).__name__}")
+        reason = f"raised {type(exc).__name__}"
+        held = self._throttle.allow(f"{step.label}:{reason}")
+        if held is not None:
+            log.warning(
+                "policy %s: step %s (%s) raised %r%s [request_id=%s]",
+                self.name, step.label, step.kind, exc, _held_back(held), request.request_id,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+        return StepFailed(step, reason)
 
     def _scrub_identity(self, outcome: Outcome) -> Outcome:
         """Remove the identity headers the allowing decision did not set itself.
@@ -185,9 +193,8 @@ class CompiledPolicy:
             return outcome
         return Outcome(scrubbed, outcome.label, outcome.step, outcome.envoy_error)
 
-    def internal_error(self, request: CheckContext) -> Outcome:
-        """The ``on_error`` answer for a failure outside any step."""
-        reason = "internal error"
+    def internal_error(self, request: CheckContext, reason: str = "internal error") -> Outcome:
+        """The ``on_error`` answer for a failure outside any step (or no step run: overloaded)."""
         if self.on_error is OnError.ALLOW:
             # an allow that no step vouched for carries no identity either
             return self._scrub_identity(Outcome(Decision.allow(reason=reason), "error"))
@@ -196,10 +203,12 @@ class CompiledPolicy:
         )
 
     def _on_failure(self, request: CheckContext, failure: StepFailed) -> Outcome:
-        log.warning(
-            "policy %s: %s; answering per on_error=%s [request_id=%s]",
-            self.name, failure, self.on_error.value, request.request_id,
-        )
+        held = self._throttle.allow(f"{failure.step.label}:{failure.reason}:answered")
+        if held is not None:
+            log.warning(
+                "policy %s: %s; answering per on_error=%s%s [request_id=%s]",
+                self.name, failure, self.on_error.value, _held_back(held), request.request_id,
+            )
         reason = f"error in step {failure.step.label}: {failure.reason}"
         if self.on_error is OnError.ALLOW:
             return Outcome(Decision.allow(reason=reason), "error", failure.step.label)
@@ -208,3 +217,8 @@ class CompiledPolicy:
                 self.error_decision.with_reason(reason), "error", failure.step.label, True
             )
         return Outcome(self.error_decision.with_reason(reason), "error", failure.step.label)
+
+
+def _held_back(held: int) -> str:
+    """The note a throttled warning carries about the ones held back before it (if any)."""
+    return f" ({held} more since the last report)" if held else ""

@@ -1,22 +1,29 @@
 """The thin gRPC adapter for ``envoy.service.auth.v3.Authorization``.
 
 Envoy -> convert -> compiled policy -> decision -> convert -> Envoy. The RPC always completes with
-gRPC OK; denials and internal failures travel inside the CheckResponse (envoy-protocols.md §1.6).
+gRPC OK; denials and internal failures travel inside the CheckResponse
+(docs/internals/envoy-behaviour.md §2.2).
 """
 
 from __future__ import annotations
 
 import logging
 from asyncio import get_running_loop
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from extsvc.authz.convert import bind_policy, to_check_context, to_check_response
+from extsvc.authz.convert import bind_policy, rejected_outcome, to_check_context, to_check_response
 from extsvc.authz.model import Decision
 from extsvc.config.runtime import RuntimeHolder
+from extsvc.deadline import AnswerMargin
+from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
+
+if TYPE_CHECKING:
+    from extsvc.authz.model import CheckContext
+    from extsvc.authz.pipeline import CompiledPolicy, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +73,36 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         holder: RuntimeHolder,
         metrics: Metrics,
         *,
-        deadline_margin_s: float = 0.005,
+        deadline_margin_s: float = 0.02,
+        deadline_margin_ratio: float = 0.1,
         default_timeout_s: float = 1.0,
+        limits: RequestLimits | None = None,
+        max_inflight: int = 8192,
     ) -> None:
         self._holder = holder
+        self._limits = limits or RequestLimits()
+        self._rejections = Rejections(metrics, "authz")
         self._metrics = metrics
         #: per-request failure warnings, once per cause and interval (the metrics count all)
         self._throttle = LogThrottle()
-        self._margin = deadline_margin_s
+        #: what is kept back from the RPC's deadline to send the answer (see AnswerMargin)
+        self.margin = AnswerMargin(deadline_margin_s, deadline_margin_ratio)
         self._default_timeout = default_timeout_s
         self._not_ready = metrics.hot(metrics.authz_decisions.labels("", "error"))
+        #: Checks in progress now, and the cap beyond which new ones are shed
+        self.inflight = 0
+        self._max_inflight = max_inflight
+        self._shed = metrics.hot(metrics.shed.labels("ext_authz"))
+        self._lateness = metrics.hot(metrics.answer_lateness)
+        # Unknown policy names come from requests: one label value for all of them, so an
+        # attacker naming 20,000 policies adds one series, not 20,000.
+        self._unknown = {
+            known: (
+                metrics.hot(metrics.unknown_policy.labels(label)),
+                metrics.hot(metrics.authz_decisions.labels(label, "deny")),
+            )
+            for known, label in ((True, UNKNOWN_POLICY_LABEL), (False, ""))
+        }
 
     async def Check(self, request: Any, context: Any) -> Any:
         # One frame for the whole RPC (no helper coroutine): this runs for every request.
@@ -88,12 +115,14 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                             "(%d more since the last report)", held)
             return _NOT_READY
         runtime.enter()
+        self.inflight += 1
         try:
             remaining = context.time_remaining()
-            budget = self._default_timeout if remaining is None else remaining - self._margin
-            deadline = get_running_loop().time() + (budget if budget > 0.0 else 0.0)
+            budget = self._default_timeout if remaining is None else self.margin.budget(remaining)
+            loop = get_running_loop()
+            deadline = loop.time() + budget
             try:
-                check = to_check_context(request)
+                check = to_check_context(request, self._limits)
             except Exception as exc:  # noqa: BLE001 (malformed input is denied, never crashes)
                 self._metrics.bad_requests.inc()
                 log.warning("unreadable CheckRequest denied with 400: %r", exc)
@@ -108,12 +137,25 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
             bind_policy(check, name)
             try:
-                outcome = await policy.evaluate(check, deadline)
+                if self.inflight > self._max_inflight:  # overloaded: no step runs, per on_error
+                    outcome = self._shed_outcome(policy, check)
+                elif check.over_limit is None:
+                    outcome = await policy.evaluate(check, deadline)
+                else:
+                    outcome = rejected_outcome(policy, check, self._rejections)  # never an allow
             except Exception:  # a bug of ours still gets a policy answer, never an aborted RPC
                 log.exception("policy %s failed outside any step [request_id=%s]", name,
                               check.request_id)
                 outcome = policy.internal_error(check)
-            policy.counters[outcome.label].inc()
+            label = outcome.label
+            policy.counters[label].inc()
+            if label == "error":  # how late after the deadline the answer is: keep that back too
+                late = loop.time() - deadline
+                if late > 0.0:
+                    self._lateness.observe(late)
+                    self.margin.observe(late)
+                else:
+                    self.margin.observe(0.0)
             if log.isEnabledFor(logging.DEBUG):
                 decision = outcome.decision
                 log.debug(
@@ -124,18 +166,47 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 )
             return to_check_response(outcome.decision, envoy_error=outcome.envoy_error)
         finally:
+            self.inflight -= 1
             runtime.leave()
 
+    def _shed_outcome(self, policy: CompiledPolicy, check: CheckContext) -> Outcome:
+        """A Check over ``max_inflight``: the policy's ``on_error`` answer, without its steps."""
+        self._shed.inc()
+        held = self._throttle.allow("shed")
+        if held is not None:
+            log.warning(
+                "%d Checks in progress (max_authz_inflight %d): answering per on_error without "
+                "running the steps (%d more since the last report) [request_id=%s]",
+                self.inflight - 1, self._max_inflight, held, check.request_id,
+                extra={"request_id": check.request_id},
+            )
+        return policy.internal_error(check, "overloaded")
+
     def _unknown_policy(self, name: str, check: Any) -> Any:
-        label = name[:64]
-        self._metrics.unknown_policy.labels(label).inc()
-        self._metrics.authz_decisions.labels(label, "deny").inc()
-        held = self._throttle.allow(f"policy:{label}")
+        unknown, denied = self._unknown[bool(name)]
+        unknown.inc()
+        denied.inc()
+        # throttled by cause, not by name: 20,000 names are one report per interval
+        held = self._throttle.allow("unknown-policy" if name else "no-policy")
         if held is not None:
             log.warning(
                 "denied: %s (%d more since the last report) [request_id=%s]",
-                f"unknown policy {name!r}" if name else "no policy chosen and no default_policy",
+                f"unknown policy {printable(name)}" if name
+                else "no policy chosen and no default_policy",
                 held, check.request_id,
                 extra={"request_id": check.request_id},
             )
         return _UNKNOWN_POLICY
+
+
+#: the ``policy`` label of requests that name a policy the config does not have
+UNKNOWN_POLICY_LABEL = "(unknown)"
+#: how much of a request-chosen name a log line shows
+LOGGED_NAME_CHARS = 64
+
+
+def printable(name: str) -> str:
+    """``name`` for a log line: quoted, at most :data:`LOGGED_NAME_CHARS` characters of it."""
+    if len(name) <= LOGGED_NAME_CHARS:
+        return repr(name)
+    return f"{name[:LOGGED_NAME_CHARS]!r}... ({len(name)} characters)"

@@ -145,12 +145,25 @@ class MetadataKey(_Model):
     key: str = Field(min_length=1)
 
 
+class Unselected(StrEnum):
+    """What an ext_proc stream that chooses no policy (and finds no ``default_policy``) gets.
+
+    ``pass-through`` answers every message unchanged (with a ``mode_override`` that switches
+    the remaining phases off, where Envoy allows it); ``reject`` answers an immediate 500.
+    A stream that *names* a policy that does not exist is always answered 500.
+    """
+
+    PASS_THROUGH = "pass-through"  # noqa: S105 (a mode, not a password)
+    REJECT = "reject"
+
+
 class ExtprocConfig(_Model):
     """The ``extproc:`` section: ext_proc policies and how a stream chooses one.
 
     A stream's policy is the gRPC call's ``:authority`` (through ``authority_policies`` or a
     policy of that name), then ``policy_attribute``, ``policy_metadata``, ``policy_header`` (in
-    this order, each only if configured and present), then ``default_policy``.
+    this order, each only if configured and present), then ``default_policy``; a stream that
+    chooses none is handled per ``unselected``.
     """
 
     default_policy: str | None = None
@@ -162,9 +175,35 @@ class ExtprocConfig(_Model):
         None, description="a forwarded metadata_context key naming the policy"
     )
     policy_header: HeaderName | None = Field(
-        None, description="a request header naming the policy (strip it from client requests)"
+        None,
+        description="a request header naming the policy; only with policy_header_trusted: true "
+        "(Envoy removes the client's header and sets its own before ext_proc)",
+    )
+    policy_header_trusted: bool = Field(
+        False,
+        description="states that Envoy strips policy_header from client requests and sets it "
+        "itself: without it a client could pick a policy without the redaction or limits",
     )
     policies: dict[str, ExtprocPolicy] = Field(default_factory=dict)
+    unselected: Unselected = Field(
+        Unselected.PASS_THROUGH,
+        description="streams that choose no policy: pass-through (unchanged) or reject (500)",
+    )
+
+    def selection_notes(self) -> list[str]:
+        """What happens to streams that choose no policy, said once at load and by validate."""
+        if self.default_policy is not None:
+            return []
+        if self.unselected is Unselected.REJECT:
+            return ["extproc: no default_policy: streams that choose no policy are answered 500 "
+                    "(unselected: reject)"]
+        if not self.policies:
+            return ["extproc: no policies: ext_proc streams pass through unprocessed"]
+        return [
+            f"extproc: no default_policy: streams that choose none of the {len(self.policies)} "
+            "policies pass through unprocessed (set extproc.default_policy, or extproc.unselected: "
+            "reject to answer them 500)"
+        ]
 
     @model_validator(mode="after")
     def _references_exist(self) -> ExtprocConfig:
@@ -178,6 +217,17 @@ class ExtprocConfig(_Model):
                 raise ValueError(
                     f"authority_policies.{authority}: {policy!r} is not one of extproc.policies"
                 )
+        if self.policy_header is not None and not self.policy_header_trusted:
+            # A request header is the client's to set: choosing the policy by it would let a
+            # client pick one without the redaction or limits its route is meant to get.
+            raise ValueError(
+                f"policy_header: {self.policy_header!r} would let a client choose the ext_proc "
+                "policy (and so skip a redacting or limiting one) by sending that header. Choose "
+                "the policy in Envoy instead (authority_policies with the route's "
+                "grpc_initial_metadata, policy_attribute or policy_metadata), or, if Envoy removes "
+                "the client's header and sets its own before the ext_proc filter, say so with "
+                "extproc.policy_header_trusted: true"
+            )
         return self
 
 
@@ -214,4 +264,17 @@ class ExtsvcConfig(_Model):
                     f"authority_policies.{authority}: {policy!r} is not one of policies"
                 )
         return self
+
+    def notes(self) -> list[str]:
+        """Choices of this file a reader may not expect, said at every load and by validate."""
+        notes = []
+        if self.default_policy is None:
+            if self.policies:
+                notes.append(
+                    "ext_authz: no default_policy: a request whose route names no policy (and "
+                    "whose authority matches none) is denied 403"
+                )
+            else:
+                notes.append("ext_authz: no policies: every Check is denied 403")
+        return notes + self.extproc.selection_notes()
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from extsvc.config.model import POLICY_CONTEXT_KEY, ExtsvcConfig
-from extsvc.plugin.protocols import Closable
 
 if TYPE_CHECKING:
     from extsvc.authz.pipeline import CompiledPolicy
@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from extsvc.plugin.protocols import Authorizer
 
 log = logging.getLogger(__name__)
+
+#: seconds one plugin's ``aclose()`` may take before it is abandoned (logged)
+CLOSE_TIMEOUT_S = 5.0
+#: closing many plugins hands the event loop a turn at least this often (seconds)
+YIELD_EVERY_S = 0.01
 
 
 @dataclass(eq=False)
@@ -99,12 +104,45 @@ class Runtime:
 
     @staticmethod
     async def close_authorizers(authorizers: Iterable[Authorizer]) -> None:
+        """``aclose()`` each (those that have one), each for at most CLOSE_TIMEOUT_S.
+
+        A plugin that fails or hangs is logged and the next one is closed regardless; the event
+        loop gets a turn every YIELD_EVERY_S, so retiring a big config does not stall it.
+        """
+        turn = time.perf_counter()
         for authorizer in authorizers:
-            if isinstance(authorizer, Closable):
-                try:
-                    await authorizer.aclose()
-                except Exception:  # one plugin failing to close must not leak the others
-                    log.exception("closing %s failed", type(authorizer).__name__)
+            aclose = getattr(authorizer, "aclose", None)  # Closable, without typing's isinstance
+            if aclose is not None:
+                await _close_one(aclose, type(authorizer).__name__)
+            if time.perf_counter() - turn >= YIELD_EVERY_S:
+                await asyncio.sleep(0)
+                turn = time.perf_counter()
+
+
+async def _close_one(aclose: Callable[[], Awaitable[object]], name: str) -> None:
+    try:
+        task = asyncio.ensure_future(aclose())
+    except Exception:  # one plugin failing to close must not leak the others
+        log.exception("closing %s failed", name)
+        return
+    try:
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_S)
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        log.error("closing %s: aclose() took over %g s; abandoned", name, CLOSE_TIMEOUT_S)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        log.error("closing %s failed", name, exc_info=error)
+
+
+def _retrieve(task: asyncio.Future[object]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class RuntimeHolder:

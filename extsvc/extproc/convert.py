@@ -1,7 +1,7 @@
 """ext_proc protobufs <-> the project's value objects. The only ext_proc module importing them.
 
-References are to ../shared/reference/envoy-protocols.md (§2: ext_proc, §0.2: proto skew,
-§0.3: raw_value, §0.4: append).
+§ references are to docs/internals/envoy-behaviour.md (§3: ext_proc, §1.2: proto skew,
+§1.3: ``raw_value``, §1.4: ``append``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from extsvc.extproc.model import (
     ImmediateReply,
     Phase,
 )
+from extsvc.limits import Overflow, RequestLimits, over_header_caps
 
 ProcessingRequest = pb.ProcessingRequest
 ProcessingResponse = pb.ProcessingResponse
@@ -66,17 +67,51 @@ def phase_of(request: Any) -> Phase | None:
 def decode_headers(header_map: Any) -> dict[str, str]:
     """``HeaderMap`` -> ``{lower-case name: value}``; repeated headers are comma-joined.
 
-    Envoy sends ``raw_value`` bytes (§0.3); ``surrogateescape`` keeps non-UTF-8 bytes intact
-    when a processor writes a value back.
+    Envoy sends ``raw_value`` bytes (docs/internals/envoy-behaviour.md §1.3); ``surrogateescape`` keeps
+    non-UTF-8 bytes intact when a processor writes a value back.
     """
     out: dict[str, str] = {}
+    # A repeated name's values are collected and joined once: joining as they came copied the
+    # whole value for every repeat (quadratic: 400k repeats held the loop for 3.85 s).
+    repeated: dict[str, list[str]] | None = None
     for header in header_map.headers:
         raw = header.raw_value
         value = raw.decode("utf-8", "surrogateescape") if raw else header.value
         key = header.key
-        old = out.get(key)
-        out[key] = value if old is None else f"{old},{value}"
+        if key in out:
+            if repeated is None:
+                repeated = {}
+            values = repeated.get(key)
+            if values is None:
+                repeated[key] = [out[key], value]
+            else:
+                values.append(value)
+        else:
+            out[key] = value
+    if repeated is not None:
+        for key, values in repeated.items():
+            out[key] = ",".join(values)
     return out
+
+
+def header_overflow(header_map: Any, limits: RequestLimits, what: str) -> Overflow | None:
+    """The cap of ``limits`` a ``HeaderMap`` (headers or trailers) is over, if any.
+
+    One ``ByteSize()`` clears the common message; above ``limits.quick_bytes`` the count, then
+    (when the message could be over it) the bytes of names and values, which the count bounds.
+    """
+    size = header_map.ByteSize()
+    if size <= limits.quick_bytes:
+        return None
+    headers = header_map.headers
+    count = len(headers)
+    header_bytes = -1
+    if count <= limits.max_headers and size > limits.max_header_bytes:
+        header_bytes = sum(
+            len(header.key) + (len(header.raw_value) or len(header.value.encode()))
+            for header in headers
+        )
+    return over_header_caps(count, header_bytes, limits, what)
 
 
 def decode_struct_map(raw: Any) -> dict[str, Any]:
@@ -125,7 +160,8 @@ def header_mutation(ops: Iterable[tuple[Any, ...]], target: Any) -> bool:
 
     Per header name only the net effect is sent: a ``set`` after ``append``s overwrites them,
     a ``remove`` cancels earlier sets. Envoy applies ``remove_headers`` before ``set_headers``.
-    Values go in ``raw_value`` only (§0.3), ``append`` as the BoolValue (§0.4).
+    Values go in ``raw_value`` only (docs/internals/envoy-behaviour.md §1.3), ``append`` as the BoolValue
+    (docs/internals/envoy-behaviour.md §1.4).
     """
     sets: dict[str, list[tuple[str, bool]]] = {}
     removes: dict[str, None] = {}
@@ -171,7 +207,7 @@ def answer(
     """The ``ProcessingResponse`` carrying a message's changes (its reply when it has one).
 
     :param content_length: set ``content-length`` to the new body length when the body changed
-        (BUFFERED with headers sent: §2.3, checklist item 8).
+        (BUFFERED with headers sent: docs/internals/envoy-behaviour.md §3.3).
     :param streamed: FULL_DUPLEX_STREAMED: the chunk always goes back as ``streamed_response``.
     """
     if message.reply is not None:
@@ -221,7 +257,10 @@ def answer(
 
 
 def echo_chunk(phase: Phase, body: bytes, end_of_stream: bool) -> Any:
-    """FULL_DUPLEX_STREAMED: pass a chunk on unchanged as a ``streamed_response`` (§2.3)."""
+    """FULL_DUPLEX_STREAMED: pass a chunk on unchanged as a ``streamed_response``.
+
+    See docs/internals/envoy-behaviour.md §3.3.
+    """
     response = ProcessingResponse()
     chunk = getattr(response, phase.value).response.body_mutation.streamed_response
     chunk.body = body
@@ -232,7 +271,10 @@ def echo_chunk(phase: Phase, body: bytes, end_of_stream: bool) -> Any:
 
 
 def immediate(reply: ImmediateReply) -> Any:
-    """An ``immediate_response`` (status always set: a missing one becomes 200, §2.5)."""
+    """An ``immediate_response``, its status always set: a missing one becomes 200.
+
+    See docs/internals/envoy-behaviour.md §3.7.
+    """
     response = ProcessingResponse()
     out = response.immediate_response
     out.status.code = reply.status  # an open enum: any 200..599 number goes through as is
@@ -258,7 +300,7 @@ def with_mode_override(
     request_trailers: bool = False,
     response_trailers: bool = False,
 ) -> Any:
-    """A copy of a headers answer carrying ``mode_override`` (checklist item 12).
+    """A copy of a headers answer carrying ``mode_override`` (docs/internals/envoy-behaviour.md §3.4).
 
     Both body modes are always spelled out (an omitted one means NONE); header modes stay
     DEFAULT (= keep Envoy's) except ``response_header_mode`` SKIP when asked. Trailer modes are

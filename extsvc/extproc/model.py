@@ -14,7 +14,7 @@ from typing import Any
 
 
 class Phase(StrEnum):
-    """The six messages Envoy may send on an ext_proc stream (envoy-protocols.md §2.2).
+    """The six messages Envoy may send on an ext_proc stream (docs/internals/envoy-behaviour.md §3.2).
 
     Each member also has the plain attributes ``field`` (the protobuf oneof name), ``number``
     (0..5), ``is_request``, ``is_headers``, ``is_body`` and ``is_trailers``: they are read for
@@ -51,7 +51,7 @@ ALL_PHASES = REQUEST_PHASES | RESPONSE_PHASES
 
 
 class BodyMode(StrEnum):
-    """How Envoy sends a body (``ProcessingMode.BodySendMode``, envoy-protocols.md §2.3)."""
+    """How Envoy sends a body (``ProcessingMode.BodySendMode``, docs/internals/envoy-behaviour.md §3.3)."""
 
     NONE = "none"
     STREAMED = "streamed"
@@ -203,7 +203,7 @@ class HttpMessage:
 
     For ``*_headers`` phases :attr:`headers` are that direction's headers; for ``*_trailers``
     phases the trailers; for ``*_body`` phases the direction's headers (read them; changing them
-    only takes effect in BUFFERED mode, envoy-protocols.md §2.3). :attr:`body` is the body (or
+    only takes effect in BUFFERED mode, docs/internals/envoy-behaviour.md §3.3). :attr:`body` is the body (or
     this chunk in STREAMED / FULL_DUPLEX_STREAMED modes) as earlier processors left it.
     """
 
@@ -347,7 +347,8 @@ class HttpMessage:
     ) -> None:
         """Answer the client now with a local reply; later processors do not run.
 
-        :param status: HTTP status, 200..599 (Envoy turns a missing one into 200, §2.5).
+        :param status: HTTP status, 200..599 (Envoy turns a missing one into 200,
+            docs/internals/envoy-behaviour.md §3.7).
         :param details: goes to Envoy's ``%RESPONSE_CODE_DETAILS%``.
         :param grpc_status: for gRPC clients: sent as ``grpc-status`` (HTTP status 200).
         """

@@ -10,10 +10,11 @@ from time import perf_counter
 from types import CoroutineType
 from typing import Any
 
-from extsvc.config.model import ExtprocConfig, ExtprocOnError
+from extsvc.config.model import ExtprocConfig, ExtprocOnError, Unselected
 from extsvc.deadline import Deadline, resume
 from extsvc.extproc import convert
 from extsvc.extproc.model import Exchange, HeaderChanges, HttpMessage, ImmediateReply, Phase
+from extsvc.observability.logging import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class CompiledExtprocPolicy:
         self.override_memo: dict[tuple[int, Any, Any, bool], Any] = {}
         #: metric children bound at compile time: "streams", "immediate", "errors", and one per phase
         self.counters: Mapping[str, Any] = counters or {}
+        #: processor failures are logged once per processor, cause and interval (the metrics
+        #: count all): a dependency that hangs fails every stream at once
+        self._throttle = LogThrottle()
 
     async def run(self, message: HttpMessage) -> None:
         """Run the phase's processors on ``message`` under ``timeout_s``.
@@ -137,7 +141,7 @@ class CompiledExtprocPolicy:
                     raise
                 except Exception as exc:  # noqa: BLE001 (isolating a processor's failure is the point)
                     current.raised.inc()
-                    self._failed(message, current, f"raised {exc!r}", mark)
+                    self._failed(message, current, f"raised {exc!r}", mark, type(exc).__name__)
                     if message.reply is not None:
                         return
                     continue
@@ -152,7 +156,7 @@ class CompiledExtprocPolicy:
                 raise
             assert current is not None
             current.overran.inc()
-            self._failed(message, current, f"overran {self.timeout_s * 1000:.0f} ms", mark)
+            self._failed(message, current, f"overran {self.timeout_s * 1000:.0f} ms", mark, "timeout")
         finally:
             if guard is not None:
                 guard.disarm()
@@ -162,13 +166,18 @@ class CompiledExtprocPolicy:
         left = self.timeout_s - (perf_counter() - begun)
         return Deadline(asyncio.get_running_loop().time() + left)
 
-    def _failed(self, message: HttpMessage, processor: CompiledProcessor, why: str, mark: int) -> None:
+    def _failed(
+        self, message: HttpMessage, processor: CompiledProcessor, why: str, mark: int, cause: str
+    ) -> None:
         exchange = message.exchange
-        log.warning(
-            "ext_proc policy %s: processor %s (%s) %s in %s; on_error=%s [request_id=%s]",
-            self.name, processor.label, processor.kind, why, message.phase.value,
-            self.on_error.value, exchange.request_id if exchange._raw_request_headers else "",
-        )
+        held = self._throttle.allow(f"{processor.label}:{cause}:{message.phase.value}")
+        if held is not None:
+            log.warning(
+                "ext_proc policy %s: processor %s (%s) %s in %s; on_error=%s%s [request_id=%s]",
+                self.name, processor.label, processor.kind, why, message.phase.value,
+                self.on_error.value, f" ({held} more since the last report)" if held else "",
+                exchange.request_id if exchange._raw_request_headers else "",
+            )
         message.rollback(mark)
         if self.on_error is ExtprocOnError.FAIL:
             message.reply = ImmediateReply(
@@ -188,6 +197,11 @@ class ExtprocPolicies:
         self.config = config
         self.policies = dict(policies)
         self.processors = processors
+        #: the policy of streams that choose none (``extproc.unselected``): no processors, so
+        #: every message passes unchanged; None = reject them
+        self.unselected: CompiledExtprocPolicy | None = (
+            CompiledExtprocPolicy("", ()) if config.unselected is Unselected.PASS_THROUGH else None
+        )
         default = config.default_policy
         #: whether the call's authority can change the answer of select(); when not, reading it
         #: (the call's metadata, per stream) is skipped
@@ -223,8 +237,11 @@ class ExtprocPolicies:
             fields = exchange.metadata.get(config.policy_metadata.namespace)
             value = fields.get(config.policy_metadata.key) if isinstance(fields, Mapping) else None
             name = str(value) if value else None
-        if name is None and config.policy_header:
+        if name is None and config.policy_header and config.policy_header_trusted:
+            # only ever a header Envoy set (the config says it strips the client's)
             name = exchange.request_headers.get(config.policy_header) or None
         if name is None:
             name = config.default_policy or ""
+        if not name:
+            return "", self.unselected
         return name, self.policies.get(name)

@@ -2,7 +2,7 @@
 
 Reads each ``ProcessingRequest``, feeds it to the stream's state machine
 (:mod:`extsvc.extproc.stream`) and writes what comes back. Returns when Envoy half-closes
-(envoy-protocols.md §2.1, checklist item 1). Not ready (no config yet) and protocol violations
+(docs/internals/envoy-behaviour.md §3.1). Not ready (no config yet) and protocol violations
 end the RPC with a gRPC error, so Envoy's ``failure_mode_allow`` / ``status_on_error`` decide.
 """
 
@@ -15,10 +15,12 @@ from typing import Any
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from extsvc.authz.service import call_authority
+from extsvc.authz.service import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.config.runtime import RuntimeHolder
+from extsvc.extproc.guard import GuardedStream
 from extsvc.extproc.model import HttpMessage
-from extsvc.extproc.stream import ExtprocStream, ProtocolError
+from extsvc.extproc.stream import ProtocolError
+from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
@@ -28,16 +30,36 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, holder: RuntimeHolder, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        metrics: Metrics,
+        *,
+        limits: RequestLimits | None = None,
+        max_streams: int = 4096,
+    ) -> None:
         self._holder = holder
+        self._limits = limits or RequestLimits()
+        self._rejections = Rejections(metrics, "extproc")
         self._metrics = metrics
         #: per-request failure warnings, once per cause and interval (the metrics count all)
         self._throttle = LogThrottle()
         self._not_ready = metrics.hot(metrics.extproc_streams.labels("", "not-ready"))
         self._active = metrics.hot(metrics.extproc_active_streams)
         self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        #: streams open now, and the cap beyond which new ones are refused
+        self.open_streams = 0
+        self._max_streams = max_streams
+        self._shed = metrics.hot(metrics.shed.labels("ext_proc"))
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
+        # Errors end the RPC with set_code() and a return, never context.abort(): abort raises,
+        # and grpc keeps that exception on the call, whose traceback holds this frame and so the
+        # call again -- a reference cycle per failed stream (its messages included) until the
+        # cyclic GC runs.
+        if self.open_streams >= self._max_streams:
+            self._refuse_overloaded(context)
+            return
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
@@ -45,11 +67,15 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             if held is not None:
                 log.warning("ext_proc stream before the first config load: ending it with "
                             "UNAVAILABLE (%d more since the last report)", held)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "extsvc: no config loaded yet")
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("extsvc: no config loaded yet")
             return
         runtime.enter()
+        self.open_streams += 1
         self._active.inc()
-        stream = ExtprocStream(runtime.extproc, authority=lambda: call_authority(context))
+        stream = GuardedStream(
+            runtime.extproc, self._limits, self._rejections, authority=lambda: call_authority(context)
+        )
         outcome = "ok"
         between = True
         try:
@@ -65,23 +91,20 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if answers.__class__ is HttpMessage:  # the policy's processors run on it
                     answers = await stream.run(answers)
                 elif stream.unknown_policy and stream.received == 1:
-                    held = self._throttle.allow(f"policy:{stream.policy_name[:64]}")
-                    if held is not None:
-                        log.warning(
-                            "ext_proc stream answered 500: %s (%d more since the last report) "
-                            "[request_id=%s]",
-                            f"unknown policy {stream.policy_name!r}" if stream.policy_name
-                            else "no policy chosen and no extproc.default_policy",
-                            held, stream.exchange.request_id,
-                        )
+                    self._log_unknown(stream.policy_name, stream.exchange.request_id)
                 for response in answers:
                     await write(response)
         except ProtocolError as exc:
             outcome = "protocol-error"
-            log.warning(
-                "ext_proc protocol error (%s) on policy %s: %s", exc.reason, stream.policy_name or "-", exc
-            )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"extsvc: {exc}")
+            held = self._throttle.allow(f"protocol-error:{exc.reason}")  # a fixed set of reasons
+            if held is not None:
+                log.warning(
+                    "ext_proc protocol error (%s) on policy %s: %s (%d more since the last report)",
+                    exc.reason, printable(stream.policy_name) if stream.policy_name else "-",
+                    str(exc), held,  # the text: a record keeping exc would keep its frames
+                )
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(f"extsvc: {exc}")
         except asyncio.CancelledError:
             # Envoy reset the stream. Between messages that is how it ends some streams (after
             # the answer to a local reply's response headers, or when the client went away);
@@ -89,16 +112,24 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             outcome = "reset" if between else "cancelled"
             raise
         finally:
+            self.open_streams -= 1
             self._active.dec()
+            label = stream.policy_name
             # What the stream did wins over how Envoy ended it (half-close or reset).
             if outcome in ("ok", "reset"):
                 if stream.unknown_policy:
                     outcome = "unknown-policy"
+                    if label:  # a name from the request: one label value for all of them
+                        label = UNKNOWN_POLICY_LABEL
                 elif stream.immediate_status is not None:
                     outcome = "immediate"
-            children = self._children.get((stream.policy_name, outcome))
+                elif not label:  # no policy chosen: passed through (unselected)
+                    outcome = "unselected"
+            elif stream.unknown_policy and label:
+                label = UNKNOWN_POLICY_LABEL
+            children = self._children.get((label, outcome))
             if children is None:
-                children = self._bind(stream.policy_name, outcome)
+                children = self._bind(label, outcome)
             streams, received, sent, overrides = children
             streams.inc()
             received.inc(stream.received)
@@ -107,9 +138,37 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 overrides.inc()
             runtime.leave()
 
+    def _refuse_overloaded(self, context: Any) -> None:
+        """A stream past ``max_extproc_streams``: RESOURCE_EXHAUSTED before reading anything, so
+        Envoy's ``failure_mode_allow`` / ``status_on_error`` decide."""
+        self._shed.inc()
+        held = self._throttle.allow("shed")
+        if held is not None:
+            log.warning(
+                "%d ext_proc streams open (max_extproc_streams): refusing new ones with "
+                "RESOURCE_EXHAUSTED (%d more since the last report)", self.open_streams, held,
+            )
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_details("extsvc: too many ext_proc streams open")
+
+    def _log_unknown(self, name: str, request_id: str) -> None:
+        # throttled by cause, not by name: 20,000 names are one report per interval
+        held = self._throttle.allow("unknown-policy" if name else "no-policy")
+        if held is not None:
+            log.warning(
+                "ext_proc stream answered 500: %s (%d more since the last report) [request_id=%s]",
+                f"unknown policy {printable(name)}" if name
+                else "no policy chosen and no extproc.default_policy",
+                held, request_id,
+            )
+
     def _bind(self, policy: str, outcome: str) -> tuple[Any, Any, Any, Any]:
-        """The metric children of one (policy, outcome), bound once (``labels()`` is not free)."""
-        name = policy[:64]
+        """The metric children of one (policy, outcome), bound once (``labels()`` is not free).
+
+        ``policy`` is a configured name, "" or :data:`UNKNOWN_POLICY_LABEL`, never a name taken
+        from a request, so the label set is bounded by the config.
+        """
+        name = policy
         m = self._metrics
         children = (
             m.hot(m.extproc_streams.labels(name, outcome)),

@@ -3,20 +3,20 @@
 No I/O here (the gRPC adapter in :mod:`extsvc.extproc.service` reads and writes); the only thing
 awaited is the policy's processors. Feed it messages in a test and look at what comes back.
 
-Protocol rules it keeps (envoy-protocols.md §2, checklist items in brackets):
+Protocol rules it keeps (sections of docs/internals/envoy-behaviour.md in brackets):
 
-- every message gets exactly one answer of the matching phase, or an immediate response [2, 3];
+- every message gets exactly one answer of the matching phase, or an immediate response [§3.2];
   FULL_DUPLEX_STREAMED body chunks get ``streamed_response`` chunks instead (none for an empty
-  intermediate chunk) [11]; nothing at all in observability mode (§2.8);
+  intermediate chunk) [§3.3]; nothing at all in observability mode [§3.8];
 - per direction: headers at most once and first, then body chunks, then trailers; nothing after
-  the direction ended (``end_of_stream`` or trailers) [18] -- a violation raises ProtocolError;
-- a stream may begin with ``response_headers`` (a local reply of an earlier filter);
-- after an immediate response Envoy ignores the stream, so later messages get no answer;
+  the direction ended (``end_of_stream`` or trailers) [§3.2] -- a violation raises ProtocolError;
+- a stream may begin with ``response_headers`` (a local reply of an earlier filter) [§3.1];
+- after an immediate response Envoy ignores the stream, so later messages get no answer [§3.2];
 - after CONTINUE_AND_REPLACE a direction's later messages (there should be none) pass unchanged;
 - the first headers answer carries a ``mode_override`` switching off the phases no processor
-  needs, both body modes spelled out [12], never with FULL_DUPLEX_STREAMED or
+  needs, both body modes spelled out [§3.4], never with FULL_DUPLEX_STREAMED or
   ``send_body_without_waiting_for_header_response`` (Envoy ignores it there);
-- BUFFERED bodies whose length changes get ``content-length`` in the same answer [8].
+- BUFFERED bodies whose length changes get ``content-length`` in the same answer [§3.3].
 """
 
 from __future__ import annotations
@@ -303,7 +303,10 @@ class ExtprocStream:
             direction.body_started = True
 
     def _start(self, request: Any) -> ImmediateReply | None:
-        """First message: body modes from ``protocol_config``, then the policy (§2.1)."""
+        """First message: body modes from ``protocol_config``, then the policy.
+
+        See docs/internals/envoy-behaviour.md §3.1.
+        """
         self._started = True
         exchange = self.exchange
         modes = convert.body_modes(request)
@@ -317,7 +320,7 @@ class ExtprocStream:
         self.policy_name = name
         exchange.policy = name
         if policy is None:
-            # Never a silent pass-through of an unknown policy (STYLE §6): fail closed.
+            # Never a silent pass-through of an unknown policy: fail closed.
             self.unknown_policy = True
             detail = f"unknown ext_proc policy {name!r}" if name else "no ext_proc policy chosen"
             return ImmediateReply(500, b"", {}, f"extsvc: {detail}", None)
@@ -332,7 +335,8 @@ class ExtprocStream:
         exchange = self.exchange
         configured = (exchange.request_body_mode, exchange.response_body_mode)
         if BodyMode.FULL_DUPLEX_STREAMED in configured:
-            return response  # §2.3: mode_override unsupported with FULL_DUPLEX_STREAMED
+            # Envoy ignores it with FULL_DUPLEX_STREAMED: docs/internals/envoy-behaviour.md §3.4
+            return response
         needs = policy.phases
         request_body = configured[0] if Phase.REQUEST_BODY in needs else BodyMode.NONE
         response_body = configured[1] if Phase.RESPONSE_BODY in needs else BodyMode.NONE

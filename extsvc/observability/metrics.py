@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
@@ -118,6 +119,11 @@ def _can_defer(child: Histogram) -> bool:
     return all(hasattr(child, name) for name in ("_upper_bounds", "_sum", "_buckets"))
 
 
+#: Set in the thread rendering a scrape (:meth:`Metrics.exposition_async`): the hot children
+#: belong to the event-loop thread, which flushed them before handing the render over.
+_off_loop = threading.local()
+
+
 class _FlushFirst(Collector):
     """Registered before every metric, so each collection of the registry (a scrape,
     ``get_sample_value``) first moves the hot children's sums into prometheus_client."""
@@ -126,11 +132,16 @@ class _FlushFirst(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        self._metrics.flush()
+        if not getattr(_off_loop, "active", False):
+            self._metrics.flush()
         return iter(())
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+#: The ``limit`` label value that stands for every request-derived value past the cap.
+OTHER_LABEL = "(other)"
 
 
 class Metrics:
@@ -141,6 +152,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._hot: dict[int, tuple[Any, HotCounter | HotGauge | HotHistogram]] = {}
+        #: rate-limit domain -> the request-derived ``limit`` label values admitted (see rl_label)
+        self._rl_values: dict[str, set[str]] = {}
+        self._render_lock: asyncio.Lock | None = None
+        self._render_loop: asyncio.AbstractEventLoop | None = None
         r.register(_FlushFirst(self))
         self.authz_decisions = Counter(
             "extsvc_authz_decisions_total",
@@ -172,6 +187,13 @@ class Metrics:
             "Check requests that could not be read (denied)",
             registry=r,
         )
+        self.request_rejected = Counter(
+            "extsvc_request_rejected_total",
+            "Requests over a cap of what one may carry (docs/hardening.md), by service (authz, "
+            "extproc) and reason (header-count, header-bytes, body-bytes)",
+            ["service", "reason"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "extsvc_config_reloads_total",
             "Config loads by result (ok, error)",
@@ -192,7 +214,7 @@ class Metrics:
         )
         self.extproc_streams = Counter(
             "extsvc_extproc_streams_total",
-            "ext_proc streams by policy and outcome (ok, immediate, unknown-policy, "
+            "ext_proc streams by policy and outcome (ok, immediate, unknown-policy, unselected, "
             "protocol-error, not-ready, reset, cancelled)",
             ["policy", "outcome"],
             registry=r,
@@ -228,9 +250,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.answer_lateness = Histogram(
+            "extsvc_answer_lateness_seconds",
+            "ext_authz answers per on_error after a failed step: how long after the step deadline "
+            "(the RPC's, minus the margin) the answer was ready; near the margin means answers "
+            "are about to miss the caller's deadline (raise deadline_margin_ms)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.shed = Counter(
+            "extsvc_shed_total",
+            "RPCs refused at once because too many were in progress, by service (ext_proc: "
+            "RESOURCE_EXHAUSTED past max_extproc_streams; ext_authz: the policy's on_error "
+            "answer past max_authz_inflight)",
+            ["service"],
+            registry=r,
+        )
         # Rate limiting, in the spirit of envoyproxy/ratelimit's stats. `limit` is the limit's
-        # name, else its descriptor path in the domain file (request values only with
-        # detailed_metric), so the label set is bounded by the config.
+        # name, else its descriptor path in the domain file. Values taken from requests
+        # (detailed_metric, value_to_metric, the keys of Envoy's limit overrides) are capped per
+        # domain by rl_label: past the cap they are counted under "(other)".
         rl_labels = ["domain", "limit"]
         self.rl_hits = Counter(
             "extsvc_ratelimit_hits_total", "Hits checked against a limit (total_hits)",
@@ -287,8 +326,27 @@ class Metrics:
             "extsvc_ratelimit_domains", "Rate-limit domains serving now", registry=r,
             multiprocess_mode="max",
         )
+        self.admin_errors = Counter(
+            "extsvc_admin_errors_total",
+            "Admin listener connections refused or cut short, by reason (too-large, bad-request, "
+            "timeout, overloaded, accept)", ["reason"], registry=r,
+        )
         self._plugin_counters: dict[str, Counter] = {}
         self._plugin_histograms: dict[str, Histogram] = {}
+
+    def rl_label(self, domain: str, label: str, cap: int) -> str:
+        """``label`` if ``domain`` has fewer than ``cap`` request-derived ``limit`` values
+        registered (or has this one), else :data:`OTHER_LABEL`. Kept here, with the registry,
+        so that rebuilding the limiter (a config reload) cannot add another ``cap`` series."""
+        seen = self._rl_values.get(domain)
+        if seen is None:
+            seen = self._rl_values[domain] = set()
+        if label in seen:
+            return label
+        if len(seen) >= cap:
+            return OTHER_LABEL
+        seen.add(label)
+        return label
 
     def plugin_counter(self, name: str, documentation: str) -> Counter:
         counter = self._plugin_counters.get(name)
@@ -349,3 +407,26 @@ class Metrics:
             prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    async def exposition_async(self) -> bytes:
+        """:meth:`exposition` without blocking the event loop: the hot children are flushed
+        here, on the loop, and the text is rendered in a worker thread (prometheus_client's
+        collection takes its own locks, so requests keep counting meanwhile). One render at a
+        time: concurrent scrapes queue rather than each holding a copy of a large text."""
+        loop = asyncio.get_running_loop()
+        if self._render_lock is None or self._render_loop is not loop:
+            self._render_lock, self._render_loop = asyncio.Lock(), loop
+        async with self._render_lock:
+            self.flush()
+            return await asyncio.to_thread(self._render_off_loop)
+
+    def _render_off_loop(self) -> bytes:
+        _off_loop.active = True
+        try:
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                registry = CollectorRegistry()
+                prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+                return generate_latest(registry)
+            return generate_latest(self.registry)
+        finally:
+            _off_loop.active = False

@@ -69,6 +69,8 @@ class PluginHost:
         self._processor_owner: dict[str, str] = {}
         self.limit_stores: dict[str, LimitStoreType[Any]] = {}
         self._limit_store_owner: dict[str, str] = {}
+        #: entry-point names seen at start-up (None: entry points were not loaded)
+        self._entry_points_at_start: frozenset[str] | None = None
 
     @classmethod
     def create(
@@ -85,9 +87,13 @@ class PluginHost:
         :param allow: if given, only third-party plugins with these entry-point names load.
         :param block: plugin names (built-in or entry point) that never load.
         :param extra_plugins: ``(name, module_or_object)`` registered directly (tests, embedding).
+            An object that an entry point also provides (a plugin's own tests, run with its
+            package installed) is registered once, under the name given here.
         :raises PluginError: import failure, misspelled hook, async impl of a sync hook,
             duplicate kind name, a limit store named like a built-in store type.
         """
+        extras = list(extra_plugins)
+        extra_objects = {id(plugin) for _, plugin in extras}
         pm = pluggy.PluginManager(PROJECT)
         pm.add_hookspecs(ExtsvcSpecs)
         blocked = set(block)
@@ -117,6 +123,10 @@ class PluginHost:
                     raise PluginError(
                         f"entry point {ep.value!r} failed to import: {exc!r}", plugin=ep.name
                     ) from exc
+                if id(plugin) in extra_objects:
+                    log.debug("plugin %s (entry point %s) is also in extra_plugins: registered once, "
+                              "from there", ep.name, ep.value)
+                    continue
                 cls._register(pm, ep.name, plugin)
                 dist = ep.dist
                 source = (
@@ -124,7 +134,7 @@ class PluginHost:
                 )
                 loaded.append(LoadedPlugin(ep.name, source, _location(plugin), ()))
 
-        for name, plugin in extra_plugins:
+        for name, plugin in extras:
             cls._register(pm, name, plugin)
             loaded.append(LoadedPlugin(name, "embedded", _location(plugin), ()))
 
@@ -139,7 +149,25 @@ class PluginHost:
 
         host = cls(pm, loaded)
         host._collect_kinds()
+        if load_entry_points:
+            host._entry_points_at_start = frozenset(ep.name for ep in _entry_points())
         return host
+
+    def entry_points_added(self) -> list[str]:
+        """Entry points of the ``extsvc`` group installed since this host was created.
+
+        A running process cannot load them (a plugin's import may have side effects, and a
+        reload must not change which code runs): config errors name them with a restart hint.
+        """
+        if self._entry_points_at_start is None:
+            return []
+        importlib.invalidate_caches()  # see distributions installed after the first lookup
+        now = {ep.name: ep for ep in _entry_points()}
+        return [
+            f"{name} ({ep.dist.name if ep.dist else ep.value})"
+            for name, ep in sorted(now.items())
+            if name not in self._entry_points_at_start
+        ]
 
     @staticmethod
     def _register(pm: pluggy.PluginManager, name: str, plugin: object) -> None:

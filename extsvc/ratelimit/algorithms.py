@@ -13,7 +13,7 @@ Only integers cross the store boundary (Redis turns Lua numbers into integers), 
 is an integer floor division, so Python and Lua give identical results.
 
 fixed_window
-    envoyproxy/ratelimit's algorithm and key scheme (envoy-protocols.md §3.5): key
+    envoyproxy/ratelimit's algorithm and key scheme (docs/internals/envoy-behaviour.md §4.4): key
     ``<prefix><domain>_<k>_<v>_..._<windowStart>`` with ``windowStart = now // W * W`` in unix
     seconds, ``INCRBY hits``, the key expires with the window; over when the count after the
     increment exceeds the limit. Over-limit hits are counted too (as ratelimit does).
@@ -30,6 +30,12 @@ token_bucket
     ``max(TAT, now) + n*T - now <= burst * T``. ``burst`` defaults to the limit (a full bucket
     holds one window's worth). ``T`` is rounded down to a whole microsecond, so the effective rate
     is at most 1 µs per request faster than configured.
+
+Hits above a limit's capacity (``requests_per_unit``; ``burst`` for the token bucket) are simply
+over the limit: :func:`clamp_hits` makes them ``capacity + 1`` before they reach a store (every
+``*_op`` clamps too), so a ``hits_addend`` near 2^64 is the same small integer in Python and Lua,
+counts as capacity + 1, and its ``duration_until_reset`` is at most the window (the time the
+bucket takes to fill for the token bucket).
 """
 
 from __future__ import annotations
@@ -46,6 +52,13 @@ class Algorithm(StrEnum):
 
 #: Parts per million: the resolution of the sliding window's weight of the previous window.
 PPM = 1_000_000
+#: Above every limit (limits are uint32): the most hits one fixed-window operation adds.
+MAX_HITS = 2**32
+
+
+def clamp_hits(hits: int, capacity: int) -> int:
+    """``hits``, or ``capacity + 1`` when it is more: over the limit either way."""
+    return capacity + 1 if hits > capacity else hits
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +96,10 @@ def fixed_window_start(now_s: int, window_s: int) -> int:
 
 
 def fixed_op(base_key: str, hits: int, window_s: int, now_s: int) -> Op:
-    """``a`` = expiry in ms (the window length)."""
+    """``a`` = expiry in ms (the window length). ``hits`` should be clamped by the caller
+    (:func:`clamp_hits`); here only to :data:`MAX_HITS`, over any limit."""
+    if hits > MAX_HITS:
+        hits = MAX_HITS
     return Op("f", (f"{base_key}{fixed_window_start(now_s, window_s)}",), hits, window_s * 1000, 0, 0)
 
 
@@ -103,6 +119,7 @@ def fixed_status(count_after: int, hits: int, limit: int, window_s: int, now_s: 
 
 def sliding_op(base_key: str, hits: int, limit: int, window_s: int, now_ms: int) -> Op:
     """``a`` = limit, ``b`` = weight of the previous window in ppm, ``c`` = expiry in ms."""
+    hits = clamp_hits(hits, limit)
     window_ms = window_s * 1000
     start_ms = now_ms - now_ms % window_ms
     weight = (window_ms - (now_ms - start_ms)) * PPM // window_ms
@@ -145,6 +162,7 @@ def gcra_interval_us(limit: int, window_s: int) -> int:
 def gcra_op(base_key: str, hits: int, limit: int, burst: int, window_s: int, now_us: int) -> Op:
     """``a`` = emission interval T (µs), ``b`` = tolerance ``burst * T`` (µs), ``c`` = now (µs)."""
     interval = gcra_interval_us(limit, window_s)
+    hits = clamp_hits(hits, burst)
     return Op("g", (f"{base_key}tb",), hits, interval, burst * interval, now_us)
 
 
@@ -162,7 +180,8 @@ def gcra_status(admitted: int, tat: int, hits: int, interval_us: int, tolerance_
     capacity = tolerance_us // interval_us
     used_after = -(-(tat - now_us) // interval_us)  # ceil: cells still "in the bucket"
     if not admitted:
-        wait_us = tat + hits * interval_us - tolerance_us - now_us
+        # the time until the hits fit; for more than the bucket holds, until it is full again
+        wait_us = tat - now_us if hits > capacity else tat + hits * interval_us - tolerance_us - now_us
         return Outcome(True, 0, max(1, -(-wait_us // 1_000_000)), used_after, used_after)
     remaining = (tolerance_us - (tat - now_us)) // interval_us
     reset = -(-(tat - now_us) // 1_000_000)  # seconds until the bucket is full again

@@ -1,6 +1,6 @@
 """Rate-limit configuration: the ``ratelimit:`` section of the extsvc config, and domain files.
 
-Domain files are envoyproxy/ratelimit's YAML format, unchanged (envoy-protocols.md §3.5)::
+Domain files are envoyproxy/ratelimit's YAML format, unchanged (docs/internals/envoy-behaviour.md §4.4)::
 
     domain: gateway
     descriptors:
@@ -41,6 +41,9 @@ UNITS: dict[str, tuple[int, int]] = {
 }
 UNIT_SECONDS: dict[int, int] = dict(UNITS.values())
 MAX_UINT32 = 2**32 - 1
+#: A token bucket's fill time in µs stays below this, so that its arrival times (now + twice
+#: that at most) are exact in the Redis script's doubles (2^53).
+MAX_TOLERANCE_US = 2**50
 
 
 class _Model(BaseModel):
@@ -155,6 +158,12 @@ class RateLimitSection(_Model):
     )
     near_limit_ratio: float = Field(0.8, gt=0, le=1)
     shadow_mode: bool = Field(False, description="count everything, never answer OVER_LIMIT")
+    max_metric_values: int = Field(
+        1000, ge=1, le=100_000,
+        description="distinct `limit` label values per domain taken from requests "
+        "(detailed_metric, value_to_metric, Envoy's limit overrides); the next ones are counted "
+        "under (other)",
+    )
     response_headers: ResponseHeaders = Field(default_factory=ResponseHeaders)
     over_limit: OverLimitReply = Field(default_factory=OverLimitReply)
 
@@ -202,6 +211,13 @@ class _RateLimit(_Model):
                 raise ValueError(f"replaces: a limit cannot replace itself ({self.name!r})")
         if self.burst is not None and self.algorithm is not Algorithm.TOKEN_BUCKET:
             raise ValueError("burst is only for algorithm: token_bucket")
+        if self.algorithm is Algorithm.TOKEN_BUCKET and self.unit is not None and self.requests_per_unit:
+            window_us = UNITS[self.unit.lower()][1] * 1_000_000
+            refill_us = (self.burst or self.requests_per_unit) * max(1, window_us // self.requests_per_unit)
+            if refill_us > MAX_TOLERANCE_US:
+                raise ValueError(
+                    "burst / requests_per_unit x unit: a bucket that takes over 35 years to fill"
+                )
         return self
 
 

@@ -97,7 +97,8 @@ def to_response(answer: Answer) -> Any:
         # Filled in place: building the status (and its submessages) first and then appending
         # copies it again.
         message = add(code=OVER_LIMIT if status.over else OK, limit_remaining=status.remaining)
-        # envoy-protocols.md §3.3: Envoy builds x-ratelimit-* from current_limit (name -> ;name=)
+        # docs/internals/envoy-behaviour.md §4.3: Envoy builds x-ratelimit-* from current_limit
+        # (name -> ;name=)
         message.current_limit.CopyFrom(_current_limit(limit))
         message.duration_until_reset.seconds = status.reset_s
     if answer.headers:

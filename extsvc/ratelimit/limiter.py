@@ -1,6 +1,6 @@
 """The pure core of the rate-limit service: descriptors in, one store call, statuses out.
 
-Matching follows envoyproxy/ratelimit (envoy-protocols.md §3.5): per level the exact
+Matching follows envoyproxy/ratelimit (docs/internals/envoy-behaviour.md §4.4): per level the exact
 ``key_value``, else the first matching wildcard, else the bare ``key``; a limit applies only on the
 node matched by the request's last entry; a node without ``rate_limit`` there means "no limit";
 ``replaces`` drops the named limits; ``unlimited`` answers OK with 2^32-1 remaining.
@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from extsvc.deadline import within
 from extsvc.errors import StoreError
 from extsvc.observability.logging import LogThrottle
+from extsvc.observability.metrics import OTHER_LABEL
 from extsvc.ratelimit import algorithms as alg
 from extsvc.ratelimit.algorithms import Algorithm, Op, Outcome
 from extsvc.ratelimit.config import (
@@ -70,6 +71,11 @@ class Answer:
     body: str = ""
     #: why, when it is not the counters: "unknown-domain", "store-error" (for logs and tests)
     note: str = ""
+
+
+def _capacity(limit: Limit) -> int:
+    """The most hits one request can have admitted: the token bucket's burst, else the limit."""
+    return limit.burst if limit.algorithm is Algorithm.TOKEN_BUCKET else limit.requests_per_unit
 
 
 def match(domain: Domain, entries: Sequence[tuple[str, str]]) -> tuple[Limit | None, list[Node]]:
@@ -162,6 +168,7 @@ class Limiter:
             getattr(store, "apply_now", None)
         )
         self._prefix = section.store.key_prefix
+        self._max_values = section.max_metric_values
         self._hash_tag = section.store.hash_tag
         self._near_ratio = section.near_limit_ratio
         self._headers_enabled = section.response_headers.enabled
@@ -191,10 +198,26 @@ class Limiter:
         twin._stats = self._stats
         return twin
 
-    def _stats_for(self, domain: str, label: str) -> _Stats:
+    def _stats_for(self, domain: str, labelled: tuple[str, bool]) -> _Stats:
+        """The counters of ``labelled`` = (label, taken from the request): request-derived
+        labels past the domain's cap (``max_metric_values``) share the ``(other)`` series."""
+        label, dynamic = labelled
         stats = self._stats.get((domain, label))
         if stats is None:
-            stats = self._stats[(domain, label)] = _Stats(self._metrics, domain, label)
+            if dynamic:
+                label = self._metrics.rl_label(domain, label, self._max_values)
+                if label is OTHER_LABEL:
+                    held = _throttle.allow(f"labels:{domain[:128]}")
+                    if held is not None:
+                        log.warning(
+                            "rate-limit domain %r: more than %d distinct metric label values from "
+                            "requests (detailed_metric, value_to_metric, limit overrides); the next "
+                            "ones are counted as %s (%d more since the last report)",
+                            domain[:128], self._max_values, OTHER_LABEL, held,
+                        )
+                stats = self._stats.get((domain, label))
+            if stats is None:
+                stats = self._stats[(domain, label)] = _Stats(self._metrics, domain, label)
         return stats
 
     async def should_rate_limit(
@@ -257,6 +280,8 @@ class Limiter:
                 continue
             d = descriptors[i]
             hits = default_hits if d.hits is None else d.hits
+            if hits > limit.requests_per_unit:  # over the limit or a large burst: see clamp_hits
+                hits = alg.clamp_hits(hits, _capacity(limit))
             hits_of[i] = hits
             plan = chosen[i]
             if plan is None:  # Envoy's per-descriptor limit override: nothing cached
@@ -372,7 +397,11 @@ class Limiter:
         ops: list[Op] = []
         for d, plan in zip(descriptors, plans, strict=True):
             hits = default_hits if d.hits is None else d.hits
-            window = plan.limit.window_s  # type: ignore[union-attr]
+            limit = plan.limit
+            assert limit is not None
+            if hits > limit.requests_per_unit:  # simply over: see alg.clamp_hits
+                hits = limit.requests_per_unit + 1
+            window = limit.window_s
             start = now_s - now_s % window  # alg.fixed_window_start
             op = plan.op
             if op is None or plan.start != start or op.hits != hits:
@@ -461,22 +490,33 @@ class Limiter:
         window = UNIT_SECONDS.get(unit)
         if window is None:
             return None  # UNKNOWN unit: nothing to count in
-        label = ".".join(f"{k}_{v}" for k, v in d.entries)
+        # The keys only: values are the request's (Envoy's route config names the keys).
+        label = "override:" + ".".join(k for k, _ in d.entries)
         return Limit(requests_per_unit=rpu, unit=unit, window_s=window, name="", label=label)
 
     @staticmethod
-    def _label(limit: Limit, path: list[Node], entries: Sequence[tuple[str, str]]) -> str:
+    def _label(
+        limit: Limit, path: list[Node], entries: Sequence[tuple[str, str]]
+    ) -> tuple[str, bool]:
+        """The ``limit`` label, and whether it holds request values (then capped per domain)."""
         if limit.detailed_metric:
-            return ".".join(f"{k}_{v}" for k, v in entries)
-        if any(node.value_to_metric for node in path):
+            return ".".join(f"{k}_{v}" for k, v in entries), True
+        if not path:  # Envoy's limit override: its keys are the request's
+            return limit.label, True
+        if not limit.name and any(node.value_to_metric for node in path):
             parts = []
             for node, (k, v) in zip(path, entries, strict=False):
-                parts.append(f"{k}_{v}" if node.value_to_metric or node.value else k)
-            return limit.name or ".".join(parts)
-        return limit.label
+                if node.value_to_metric:
+                    parts.append(f"{k}_{v}")  # the request's value: opted in
+                elif node.value:
+                    parts.append(f"{k}_{node.value}")  # the configured value (or wildcard)
+                else:
+                    parts.append(k)
+            return ".".join(parts), True
+        return limit.label, False
 
     def _base_key(self, domain: str, entries: Sequence[tuple[str, str]], path: list[Node]) -> str:
-        # envoy-protocols.md §3.5: prefix + domain + "_" + Σ(key_value_) + windowStart
+        # docs/internals/envoy-behaviour.md §4.4: prefix + domain + "_" + Σ(key_value_) + windowStart
         parts = [self._prefix, f"{{{domain}}}" if self._hash_tag else domain, "_"]
         for index, (key, value) in enumerate(entries):
             shared = path[index].value if index < len(path) and path[index].share_threshold else None

@@ -161,7 +161,7 @@ class RateLimitManager:
         if self._section is not None and self._base_dir != base_dir:
             self._files.clear()
         self._section, self._base_dir = section, base_dir
-        self.limiter = None  # rebuilt below with the new settings
+        # the serving limiter answers until _reload() swaps in one with the new settings: no gap
         await self._reload(force=True)
         return True
 

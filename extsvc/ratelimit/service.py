@@ -1,9 +1,9 @@
 """The thin gRPC adapter for ``envoy.service.ratelimit.v3.RateLimitService``.
 
 Envoy -> convert -> limiter -> answer -> convert -> Envoy. Decisions travel in ``overall_code``
-(envoy-protocols.md §3.6); the RPC fails only when there is nothing to decide with (no
-``ratelimit`` config yet: UNAVAILABLE; no domain or no descriptors: INVALID_ARGUMENT), which Envoy
-answers per its own ``failure_mode_deny``.
+(docs/internals/envoy-behaviour.md §4.2); the RPC fails only when there is nothing to decide with
+(no ``ratelimit`` config yet: UNAVAILABLE; no domain or no descriptors: INVALID_ARGUMENT), which
+Envoy answers per its own ``failure_mode_deny``.
 """
 
 from __future__ import annotations

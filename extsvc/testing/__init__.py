@@ -50,7 +50,7 @@ def check_request(
     source: str = "10.0.0.1:40000",
     request_id: str = "test-request-id",
 ) -> Any:
-    """A CheckRequest shaped like the ones Envoy 1.40 sends (envoy-protocols.md §5.1)."""
+    """A CheckRequest shaped like the ones Envoy 1.40 sends (docs/internals/envoy-behaviour.md §2.1)."""
     request = external_auth_pb2.CheckRequest()
     attrs = request.attributes
     address, _, port = source.rpartition(":")

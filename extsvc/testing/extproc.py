@@ -1,4 +1,6 @@
-"""Builders for ext_proc tests: the ``ProcessingRequest``s Envoy 1.40 sends (envoy-protocols.md §5.2).
+"""Builders for ext_proc tests: the ``ProcessingRequest``s Envoy 1.40 sends.
+
+See docs/internals/envoy-behaviour.md §3.1 and §3.2.
 
 Feed them to a stream state machine, or send them over a real gRPC stream::
 
@@ -50,7 +52,10 @@ DEFAULT_REQUEST_HEADERS: Mapping[str, str] = {
 
 
 def header_map(headers: Mapping[str, str] | list[tuple[str, str]]) -> Any:
-    """A ``HeaderMap`` with ``raw_value`` entries (what Envoy sends, §0.3)."""
+    """A ``HeaderMap`` with ``raw_value`` entries, as Envoy sends them.
+
+    See docs/internals/envoy-behaviour.md §1.3.
+    """
     out = pb.HttpHeaders().headers
     items = headers.items() if isinstance(headers, Mapping) else headers
     for key, value in items:

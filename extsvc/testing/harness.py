@@ -364,6 +364,9 @@ class ExtsvcProcess(_Process):
     :param config: the policy file, or None for the embedded demo config.
     :param args: more ``extsvc serve`` flags.
     :param wait_ready: wait for ``/readyz`` (set False to observe the not-ready state).
+
+    ``drain_delay_s`` is 0 unless ``env`` or ``args`` set it: nothing health-checks a test's
+    extsvc, so :meth:`stop` need not wait for traffic to move away.
     """
 
     name = "extsvc"
@@ -382,7 +385,7 @@ class ExtsvcProcess(_Process):
         self.grpc_port = grpc_port or free_port()
         self.admin_port = free_port()
         self._args = list(args)
-        self._env = dict(env or {})
+        self._env = {"EXTSVC_DRAIN_DELAY_S": "0", **(env or {})}
         self._wait_ready = wait_ready
 
     def start(self, timeout: float = 20.0) -> Self:

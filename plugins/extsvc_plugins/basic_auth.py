@@ -9,9 +9,17 @@ password.
 
 Verification runs off the event loop; successful verifications are cached for ``cache_ttl_s``
 (keyed by a hash of user and password, dropped when the file changes), so bcrypt's deliberate
-slowness is paid once per user and password, not on every request. An unknown user costs the
-same hash work as a wrong password (the password is checked against another entry's hash and the
-request denied either way), so response times do not reveal user names.
+slowness is paid once per user and password, not on every request.
+
+An unknown user costs the same hash work as a wrong password, so response times do not reveal
+user names: the password is checked against the hash of another entry (and the request denied
+either way) -- one of the file's most common hash *kind*, the scheme and its cost together
+(bcrypt cost 10, SHA-512 crypt 5000 rounds...), since a wrong password costs what its user's kind
+costs. When every entry is of one kind (the usual file) no name can be told apart. A file that
+mixes kinds is logged as a warning when loaded: an unknown user then takes as long as a wrong
+password for the most common kind, and a failed login for a user of another kind takes visibly
+longer or shorter, which tells those (fewer) names apart; rehash them with the common kind.
+Checking unknown users against every kind's hash would not help: no known user costs that sum.
 
 Example::
 
@@ -30,7 +38,7 @@ import base64
 import binascii
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import bcrypt
@@ -70,15 +78,19 @@ class BasicAuthConfig(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Htpasswd:
-    """A parsed htpasswd file: ``users`` (name -> hash) and the hash unknown users are checked
-    against (the first entry's, so that both paths cost the same)."""
+    """A parsed htpasswd file: ``users`` (name -> hash), the hash unknown users are checked
+    against (the first entry of the most common kind: see the module docstring), and how many
+    entries each kind has (``"bcrypt cost 10"`` -> 3)."""
 
     users: dict[str, str]
     dummy: str = _DUMMY_BCRYPT
+    kinds: dict[str, int] = field(default_factory=dict)
 
 
 def parse_htpasswd(data: bytes) -> Htpasswd:
     users: dict[str, str] = {}
+    #: per hash kind, its entries' count and first hash (insertion order: the file's)
+    kinds: dict[str, tuple[int, str]] = {}
     for number, raw in enumerate(data.decode("utf-8").splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -86,7 +98,8 @@ def parse_htpasswd(data: bytes) -> Htpasswd:
         user, sep, hashed = line.partition(":")
         if not sep or not user or not hashed:
             raise ValueError(f"line {number}: expected user:hash")
-        if not _well_formed(hashed):
+        kind = _kind(hashed)
+        if kind is None:
             raise ValueError(
                 f"line {number} (user {user!r}): unsupported, weak or malformed hash; use bcrypt "
                 "(htpasswd -B) or SHA-256/512 crypt"
@@ -94,20 +107,32 @@ def parse_htpasswd(data: bytes) -> Htpasswd:
         if user in users:
             raise ValueError(f"line {number}: user {user!r} is listed twice")
         users[user] = hashed
-    return Htpasswd(users, next(iter(users.values()), _DUMMY_BCRYPT))
+        count, first = kinds.get(kind, (0, hashed))
+        kinds[kind] = (count + 1, first)
+    # an entry of the most common kind; between kinds as common, the first in the file
+    dummy, most = _DUMMY_BCRYPT, 0
+    for count, first in kinds.values():
+        if count > most:
+            dummy, most = first, count
+    return Htpasswd(users, dummy, {kind: count for kind, (count, _) in kinds.items()})
 
 
-def _well_formed(hashed: str) -> bool:
+def _kind(hashed: str) -> str | None:
+    """A supported, well-formed hash's kind: its scheme and cost (what verifying it costs);
+    ``None`` for anything else."""
     if hashed.startswith("$2"):
-        return bool(_BCRYPT.match(hashed))
+        match = _BCRYPT.match(hashed)
+        return f"bcrypt cost {int(match.group(1))}" if match else None
     handler = sha512_crypt if hashed.startswith("$6$") else sha256_crypt if hashed.startswith("$5$") else None
     if handler is None:
-        return False
+        return None
     try:
         parsed = handler.from_string(hashed)
     except ValueError:
-        return False
-    return parsed.checksum is not None  # "$6$salt$" is a salt without a hash
+        return None
+    if parsed.checksum is None:  # "$6$salt$" is a salt without a hash
+        return None
+    return f"{handler.name.replace('_', '-')} {parsed.rounds} rounds"
 
 
 def verify(password: str, hashed: str) -> bool:
@@ -131,12 +156,30 @@ class BasicAuth:
         self._cache: TtlCache[bool] = TtlCache(config.cache_max_entries, ctx.clock)
         self._users: WatchedFile[Htpasswd] = WatchedFile(
             ctx.resolve(config.htpasswd_file), parse_htpasswd, config.reload_interval_s,
-            ctx.logger, on_change=lambda _users: self._cache.clear(),
+            ctx.logger, on_change=self._changed,
         )
+        self._warn_if_mixed(self._users.value)
         self.identity_headers = config.forward.header_names()
         realm = config.realm.replace('"', "").replace("\\", "")
         self._challenge = {"www-authenticate": f'Basic realm="{realm}", charset="UTF-8"'}
         self._missing = Decision.deny(401, headers=self._challenge, reason="basic-auth: no credentials")
+
+    def _changed(self, table: Htpasswd) -> None:
+        self._cache.clear()
+        self._warn_if_mixed(table)
+
+    def _warn_if_mixed(self, table: Htpasswd) -> None:
+        if len(table.kinds) < 2:
+            return
+        kinds = sorted(table.kinds.items(), key=lambda item: -item[1])
+        others = sum(count for _, count in kinds[1:])
+        self._log.warning(
+            "basic-auth: %s mixes hash kinds (%s): unknown users are checked against %s, so the "
+            "time of a failed login can tell apart the %d user(s) of the other kinds; rehash "
+            "them as %s",
+            self._users.path, ", ".join(f"{kind}: {count}" for kind, count in kinds),
+            kinds[0][0], others, kinds[0][0],
+        )
 
     async def start(self) -> None:
         self._users.start()

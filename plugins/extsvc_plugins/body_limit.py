@@ -4,7 +4,7 @@ A ``content-length`` over the limit is refused on the request headers, before an
 otherwise the body (BUFFERED) or the running total of its chunks (STREAMED, BUFFERED_PARTIAL,
 FULL_DUPLEX_STREAMED) is checked. Configure Envoy's ``request_body_mode`` to something other than
 NONE for chunked requests to be checked. Note that Envoy itself answers 413 when a BUFFERED body
-exceeds its buffer limit (envoy-protocols.md §2.3).
+exceeds its buffer limit (docs/internals/envoy-behaviour.md §3.3).
 
 Example::
 

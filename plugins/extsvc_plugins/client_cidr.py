@@ -7,7 +7,7 @@ right-most, the one appended by the proxy in front of Envoy).
 Spoofing caveat: every ``x-forwarded-for`` entry left of the ones your own proxies append is
 written by the client and proves nothing. Count hops only across proxies you control, and make
 sure Envoy is reachable only through them; otherwise use ``source: peer``. Envoy with
-``use_remote_address: true`` also appends an address of its own (envoy-protocols.md §0.5).
+``use_remote_address: true`` also appends an address of its own (docs/internals/envoy-behaviour.md §1.5).
 
 A ``deny`` match denies (403). With an ``allow`` list, an address outside it is denied, and one
 inside it answers ``on_allowed`` (``abstain`` by default, so the step works as a gate in any

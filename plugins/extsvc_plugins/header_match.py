@@ -1,7 +1,9 @@
 """``header-match``: allow, deny or abstain by method, path and headers.
 
-All conditions under ``match`` must hold for a match. Regexes are compiled at load time;
-``path`` is matched without the query string.
+All conditions under ``match`` must hold for a match. Regexes must match the whole value (path
+or header), are in RE2 syntax (what Envoy uses: matching time is linear in the input, whatever the
+pattern) and are compiled at load time; a pattern RE2 refuses (backreferences, lookaround) fails
+the config with the field named. ``path`` is matched without the query string.
 
 Example::
 
@@ -19,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
@@ -33,9 +34,9 @@ from extsvc import (
     HeaderName,
     HeaderValue,
     PluginContext,
-    Regex,
     hookimpl,
 )
+from extsvc.types import Re2Pattern, Re2Regex
 
 
 class _Model(BaseModel):
@@ -43,11 +44,11 @@ class _Model(BaseModel):
 
 
 class PathMatch(_Model):
-    """Exactly one of ``exact``, ``prefix``, ``regex`` (a full match)."""
+    """Exactly one of ``exact``, ``prefix``, ``regex`` (a full match, RE2 syntax)."""
 
     exact: str | None = None
     prefix: str | None = None
-    regex: Regex | None = None
+    regex: Re2Regex | None = None
 
     @model_validator(mode="after")
     def _one(self) -> PathMatch:
@@ -57,12 +58,12 @@ class PathMatch(_Model):
 
 
 class HeaderCondition(_Model):
-    """A header test: ``present`` (true/false), ``equals`` or ``regex`` (a full match)."""
+    """A header test: ``present`` (true/false), ``equals`` or ``regex`` (a full match, RE2)."""
 
     name: HeaderName
     present: bool | None = None
     equals: str | None = None
-    regex: Regex | None = None
+    regex: Re2Regex | None = None
 
     @model_validator(mode="after")
     def _one(self) -> HeaderCondition:
@@ -102,9 +103,9 @@ class HeaderMatch:
         self._methods = frozenset(m.upper() for m in match.methods) if match.methods else None
         self._path = match.path
         path_regex = match.path.regex if match.path else None
-        self._path_regex = re.compile(path_regex) if path_regex is not None else None
+        self._path_regex = Re2Pattern(path_regex) if path_regex is not None else None
         self._headers = tuple(
-            (h.name, h.present, h.equals, re.compile(h.regex) if h.regex is not None else None)
+            (h.name, h.present, h.equals, Re2Pattern(h.regex) if h.regex is not None else None)
             for h in match.headers
         )
         denial = Decision.deny(config.reply.status, config.reply.body, config.reply.headers)

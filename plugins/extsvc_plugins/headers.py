@@ -2,10 +2,11 @@
 (and trailers).
 
 Operations on each side run in this order: rename, remove, set, add. ``set`` overwrites (or adds);
-``add`` adds another line (``append: true``, envoy-protocols.md §0.4); ``rename`` moves a value to
-a new name (nothing happens when the header is absent). ``:path`` may be set on the request and
-``:status`` on the response; Envoy ignores changes to ``host``, ``:authority``, ``:method``,
-``:scheme`` and ``x-envoy-*`` unless its ``mutation_rules`` allow them (§2.4).
+``add`` adds another line (``append: true``, docs/internals/envoy-behaviour.md §1.4); ``rename`` moves a
+value to a new name (nothing happens when the header is absent). ``:path`` may be set on the
+request and ``:status`` on the response; Envoy ignores changes to ``host``, ``:authority``,
+``:method``, ``:scheme`` and ``x-envoy-*`` unless its ``mutation_rules`` allow them
+(docs/internals/envoy-behaviour.md §3.6).
 
 Example::
 
@@ -59,7 +60,8 @@ class HeaderOps(_Model):
     @classmethod
     def _removable(cls, names: list[str]) -> list[str]:
         for name in names:
-            if name.startswith(":") or name == "host":  # §2.4: Envoy ignores these removals
+            # docs/internals/envoy-behaviour.md §3.6: Envoy ignores these removals
+            if name.startswith(":") or name == "host":
                 raise ValueError(f"Envoy cannot remove {name!r} (pseudo-headers and host)")
         return names
 

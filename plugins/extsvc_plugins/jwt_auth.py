@@ -1,9 +1,12 @@
 """``jwt``: verify JSON Web Tokens against one or more identity providers.
 
-Keys come from a JWKS URL (fetched asynchronously, cached for ``jwks_ttl_s``, re-fetched at most
-once per ``jwks_min_refetch_interval_s`` when an unknown ``kid`` shows up, last good key set kept
-while the endpoint is down), a JWKS file, inline PEM/JWK keys, or an HMAC secret file (HS*
-algorithms only with an explicit secret; ``none`` never). The provider is chosen by the token's
+Keys come from a JWKS URL or the ``jwks_uri`` of the issuer's OpenID Connect discovery document
+(fetched in the background, never holding up start-up or a reload; cached for ``jwks_ttl_s``,
+re-fetched at most once per ``jwks_min_refetch_interval_s`` when an unknown ``kid`` shows up, last
+good key set kept while the endpoint is down, also across reloads; every fetch capped in bytes and
+time by :func:`extsvc.fetch_json`), a JWKS file, inline PEM/JWK keys, or an HMAC secret file (HS*
+algorithms only with an explicit secret; ``none`` never). While a provider has no keys yet, its
+tokens are a step error (answered per the policy's ``on_error``). The provider is chosen by the token's
 ``iss``; its algorithm allow-list is checked before any key is looked at, and a key is only tried
 with algorithms of its own type (an RSA key never verifies an HS256 or ES256 signature).
 Verified tokens are cached by a hash of the token and never past their ``exp``.
@@ -31,14 +34,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -49,7 +55,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
+from extsvc import (
+    AuthorizerType,
+    CheckContext,
+    Decision,
+    PluginContext,
+    RemoteFetchError,
+    RemoteFetchMetrics,
+    RemoteTooLarge,
+    fetch_json,
+    hookimpl,
+)
 from extsvc.credentials import (
     BEARER,
     CredentialSource,
@@ -76,8 +92,14 @@ _KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
     "EdDSA": (Ed25519PublicKey, Ed448PublicKey),
 }
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
-#: Longest JWKS document accepted from a URL.
-_MAX_JWKS_BYTES = 1024 * 1024
+#: Default cap of a JWKS or discovery document: real key sets are a few KiB (a dozen RSA keys
+#: with certificate chains stay under 64 KiB), so 1 MiB is ample headroom and still cheap to hold.
+DEFAULT_JWKS_MAX_BYTES = 1024 * 1024
+#: OpenID Connect Discovery 1.0, section 4: the document's path under the issuer.
+WELL_KNOWN = "/.well-known/openid-configuration"
+#: Retries of a key set that is not loaded: after 1 s, then doubling up to 60 s (or the TTL).
+_RETRY_FIRST_S = 1.0
+_RETRY_MAX_S = 60.0
 
 
 class _Model(BaseModel):
@@ -123,23 +145,51 @@ class Provider(_Model):
     allow_any_audience: bool = False
     algorithms: list[Algorithm] = Field(min_length=1)
     jwks_url: str | None = None
+    discovery: bool = Field(
+        False, description="find the JWKS through the issuer's OpenID Connect discovery document"
+    )
+    discovery_url: str | None = Field(
+        None, description="where that document is (default {issuer}/.well-known/openid-configuration)"
+    )
     jwks_file: str | None = None
     keys: list[str | dict[str, Any]] = Field(default_factory=list, description="PEM or JWK")
     hs_secret_file: str | None = None
     jwks_ttl_s: float = Field(300.0, gt=0)
     jwks_min_refetch_interval_s: float = Field(30.0, ge=0)
-    jwks_timeout_s: float = Field(5.0, gt=0, le=60)
+    jwks_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="hard deadline of each fetch (discovery, JWKS), body included"
+    )
+    jwks_max_bytes: int = Field(
+        DEFAULT_JWKS_MAX_BYTES, ge=1024, le=16 * 1024 * 1024,
+        description="longest JWKS or discovery document read; reading stops there",
+    )
     leeway_s: float = Field(30.0, ge=0, le=600)
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
     claims: dict[str, ClaimRule] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _keys(self) -> Provider:
-        sources = [self.jwks_url, self.jwks_file, self.keys or None, self.hs_secret_file]
+        sources = [self.jwks_url, self.jwks_file, self.keys or None, self.hs_secret_file,
+                   self.discovery or None]
         if sum(s is not None for s in sources) != 1:
             raise ValueError(
-                f"provider {self.name!r}: set exactly one of jwks_url, jwks_file, keys, hs_secret_file"
+                f"provider {self.name!r}: set exactly one of jwks_url, jwks_file, keys, hs_secret_file, "
+                "discovery"
             )
+        if self.discovery_url is not None and not self.discovery:
+            raise ValueError(f"provider {self.name!r}: discovery_url needs discovery: true")
+        if self.discovery:
+            if len(self.issuers) != 1:
+                raise ValueError(
+                    f"provider {self.name!r}: discovery needs exactly one issuer (the discovery "
+                    "document must name it)"
+                )
+            for field, url in (("issuer", self.issuers[0]), ("discovery_url", self.discovery_url)):
+                if url is not None and not https_or_loopback(url):
+                    raise ValueError(
+                        f"provider {self.name!r}: with discovery, the {field} must be an https URL "
+                        "(http only on a loopback address)"
+                    )
         hmac = set(self.algorithms) & _HMAC
         if self.hs_secret_file is not None and hmac != set(self.algorithms):
             raise ValueError(f"provider {self.name!r}: hs_secret_file allows only HS256/384/512")
@@ -153,6 +203,30 @@ class Provider(_Model):
         if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
             raise ValueError(f"provider {self.name!r}: jwks_url must be http(s)")
         return self
+
+    @property
+    def discovery_document_url(self) -> str:
+        """Where the discovery document is: ``discovery_url``, or the issuer's well-known path."""
+        return self.discovery_url or self.issuers[0].rstrip("/") + WELL_KNOWN
+
+
+def loopback_http(url: str) -> bool:
+    """Whether ``url`` is plain http to a loopback address (127.0.0.0/8, ::1, localhost)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def https_or_loopback(url: str) -> bool:
+    """An https URL with a host, or :func:`loopback_http`: what discovery accepts."""
+    parts = urlsplit(url)
+    return (parts.scheme == "https" and bool(parts.hostname)) or loopback_http(url)
 
 
 class CacheConfig(_Model):
@@ -172,6 +246,10 @@ class JwtConfig(_Model):
     realm: str = "extsvc"
     max_token_bytes: int = Field(8192, ge=256, le=65536)
     on_missing: Literal["deny", "abstain"] = "deny"
+    startup_wait_s: float = Field(
+        1.0, ge=0, le=10,
+        description="how long start() waits for the first fetch of key sets not yet loaded",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> JwtConfig:
@@ -219,12 +297,32 @@ def _remember(url: str, document: Mapping[str, Any]) -> None:
         del _LAST_GOOD_JWKS[next(iter(_LAST_GOOD_JWKS))]
 
 
+
+def read_jwks_file(path: Path) -> Mapping[str, Any]:
+    """A JWKS file's JSON object (``OSError`` or ``ValueError`` when it is missing or not one)."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, Mapping):
+        raise ValueError("the JWKS file is not a JSON object")
+    return document
+
+
+class KeysUnavailable(Exception):
+    """A provider has no keys yet (its first fetch failed or is still running): a step error, so
+    the policy answers per its ``on_error`` -- neither an allow nor a 401 blaming the token."""
+
+
+class DiscoveryRefused(ValueError):
+    """An OpenID Connect discovery document that cannot be used (wrong issuer, no/insecure jwks_uri)."""
+
+
 class KeySet:
     """The verification keys of one provider, refreshed from their source.
 
     Keys are held as parsed key objects (no PEM parsing per request). ``fetch`` returns a JWKS
     document; it is called single-flight: concurrent requests with an unknown ``kid`` share one
-    fetch, and no fetch starts within ``min_interval`` of the previous attempt.
+    fetch, and no request starts one within ``min_interval`` of the previous attempt. A key set
+    that is not loaded yet is fetched in the background (:meth:`start_loading`) until a fetch
+    succeeds, with backoff; meanwhile :meth:`candidates` raises :class:`KeysUnavailable`.
     """
 
     def __init__(
@@ -249,8 +347,9 @@ class KeySet:
         self.fetched_at = -math.inf
         self.last_attempt = -math.inf
         self.fetches = 0
+        self.last_error: str | None = None
         self._inflight: asyncio.Task[bool] | None = None
-        self._background: set[asyncio.Task[bool]] = set()
+        self._loader: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self.by_kid) + len(self.without_kid)
@@ -291,13 +390,16 @@ class KeySet:
         self.by_kid, self.without_kid = by_kid, without
         return len(by_kid) + len(without)
 
+    def _refresh_task(self) -> asyncio.Task[bool]:
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.get_running_loop().create_task(self._do_refresh())
+        return self._inflight
+
     async def refresh(self) -> bool:
         """Fetch the key set now (joining a fetch already running); True if it was loaded."""
         if self._fetch is None:
             return True
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.get_running_loop().create_task(self._do_refresh())
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(self._refresh_task())
 
     async def _do_refresh(self) -> bool:
         assert self._fetch is not None
@@ -307,32 +409,64 @@ class KeySet:
             document = await self._fetch()
             count = self.load_jwks(document)
         except Exception as exc:  # noqa: BLE001 (network, HTTP, JSON, key errors: keep the last good set)
-            self._log.warning("provider %s: JWKS refresh failed (%s); keeping %d cached key(s)",
-                              self.name, exc, len(self))
+            self.last_error = str(exc)
+            hint = " (raise jwks_max_bytes if the key set really is this large)" if isinstance(
+                exc, RemoteTooLarge) else ""
+            if len(self) and self.fetched_at == -math.inf:
+                kept = f"serving the {len(self)} key(s) it last returned before the reload"
+            else:
+                kept = f"keeping {len(self)} cached key(s)"
+            self._log.log(
+                logging.ERROR if isinstance(exc, DiscoveryRefused) else logging.WARNING,
+                "provider %s: JWKS refresh failed (%s)%s; %s", self.name, exc, hint, kept,
+            )
             return False
         self.fetched_at = self._clock()
+        self.last_error = None
         if self._on_loaded is not None:
             self._on_loaded(document)
         self._log.info("provider %s: JWKS loaded, %d key(s)", self.name, count)
         return True
 
-    def _refresh_in_background(self) -> None:
-        if self._inflight is not None and not self._inflight.done():
-            return
-        task = asyncio.get_running_loop().create_task(self.refresh())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def start_loading(self) -> asyncio.Task[bool] | None:
+        """Fetch in the background until one fetch succeeds (then the TTL takes over).
+
+        Failed attempts are retried after 1 s, doubling up to 60 s (at most ``ttl``), with
+        jitter. Returns the first attempt, for a caller that wants to wait a little for it.
+        """
+        if self._fetch is None:
+            return None
+        first = self._refresh_task()
+        if self._loader is None or self._loader.done():
+            self._loader = asyncio.get_running_loop().create_task(self._keep_loading(first))
+        return first
+
+    async def _keep_loading(self, attempt: asyncio.Task[bool]) -> None:
+        delay = _RETRY_FIRST_S
+        ceiling = max(_RETRY_FIRST_S, min(_RETRY_MAX_S, self._ttl))
+        while not await asyncio.shield(attempt):
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not crypto)
+            delay = min(delay * 2, ceiling)
+            attempt = self._refresh_task()
 
     async def candidates(self, kid: str | None) -> list[VerificationKey]:
-        """The keys a token with this ``kid`` may be signed with (fetching if that may help)."""
+        """The keys a token with this ``kid`` may be signed with (fetching if that may help).
+
+        :raises KeysUnavailable: when no key set has been loaded yet.
+        """
         now = self._clock()
         can_fetch = self._fetch is not None and now - self.last_attempt >= self._min_interval
+        if not len(self):
+            # never wait here for an IdP that is slow or down: the background loader (and this
+            # request, at most once per interval) keeps trying; this token is a step error
+            if can_fetch:
+                self._refresh_task()
+            raise KeysUnavailable(
+                f"provider {self.name}: no keys loaded yet "
+                f"({self.last_error or 'the first fetch has not finished'})"
+            )
         if can_fetch and now - self.fetched_at > self._ttl:
-            if len(self):
-                self._refresh_in_background()  # serve from the stale set meanwhile
-            else:
-                await self.refresh()
-                can_fetch = False
+            self._refresh_task()  # serve from the stale set meanwhile
         if kid is not None:
             key = self.by_kid.get(kid)
             if key is None and can_fetch:
@@ -342,11 +476,75 @@ class KeySet:
         return [*self.without_kid, *self.by_kid.values()]
 
     async def aclose(self) -> None:
-        for task in [*self._background, self._inflight]:
+        """Cancel the background loader and any fetch in flight."""
+        for task in (self._loader, self._inflight):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+
+class RemoteJwks:
+    """Fetches one provider's JWKS from ``jwks_url``, or from the ``jwks_uri`` its OpenID Connect
+    discovery document names (discovered again after a failed JWKS fetch: it may have moved).
+
+    Every request is bounded by the provider's ``jwks_max_bytes`` and ``jwks_timeout_s``.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        client: Callable[[], httpx.AsyncClient],
+        metrics: RemoteFetchMetrics,
+        logger: logging.Logger,
+    ) -> None:
+        self._provider = provider
+        self._client = client
+        self._metrics = metrics
+        self._log = logger
+        self.discovery_url = provider.discovery_document_url if provider.discovery else None
+        self.jwks_uri: str | None = provider.jwks_url
+        #: the key of the last good key set kept across reloads
+        self.source = provider.jwks_url or f"discovery {self.discovery_url}"
+
+    async def __call__(self) -> Mapping[str, Any]:
+        if self.discovery_url is not None and self.jwks_uri is None:
+            self.jwks_uri = await self._discover(self.discovery_url)
+        assert self.jwks_uri is not None
+        try:
+            return await self._get(self.jwks_uri)
+        except RemoteFetchError:
+            if self.discovery_url is not None:
+                self.jwks_uri = None
+            raise
+
+    async def _get(self, url: str) -> dict[str, Any]:
+        return await fetch_json(
+            self._client(), "GET", url, max_bytes=self._provider.jwks_max_bytes,
+            timeout_total_s=self._provider.jwks_timeout_s, metrics=self._metrics,
+        )
+
+    async def _discover(self, url: str) -> str:
+        document = await self._get(url)
+        issuer = self._provider.issuers[0]
+        named = document.get("issuer")
+        if named != issuer:  # OpenID Connect Discovery 1.0, section 4.3: exactly equal, or not used
+            raise DiscoveryRefused(
+                f"the discovery document at {url} names issuer {str(named)[:200]!r}, "
+                f"not {issuer!r}; refused"
+            )
+        jwks_uri = document.get("jwks_uri")
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise DiscoveryRefused(f"the discovery document at {url} has no jwks_uri")
+        parts = urlsplit(jwks_uri)
+        secure = parts.scheme == "https" and bool(parts.hostname)
+        if not secure and not (loopback_http(jwks_uri) and loopback_http(url)):
+            raise DiscoveryRefused(
+                f"jwks_uri {jwks_uri[:200]!r} must be https (plain http only on loopback, "
+                "named by a loopback discovery URL)"
+            )
+        self._log.info("provider %s: discovery names jwks_uri %s", self._provider.name, jwks_uri)
+        return jwks_uri
 
 
 class _Reject(Exception):
@@ -362,7 +560,7 @@ class _ProviderState:
     config: Provider
     keys: KeySet
     secret: bytes | None
-    url: str | None
+    remote: RemoteJwks | None
 
 
 class JwtAuthorizer:
@@ -378,20 +576,34 @@ class JwtAuthorizer:
         )
         self._cache_hits = ctx.metrics.counter("jwt_cache_hits", "Tokens answered from the cache")
         self._rejected = ctx.metrics.counter("jwt_rejected", "Tokens rejected")
+        fetch_metrics = RemoteFetchMetrics(ctx.metrics)
         self.identity_headers = config.forward.header_names()
         self._providers: list[_ProviderState] = []
         for provider in config.providers:
             fetch: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
             on_loaded: Callable[[Mapping[str, Any]], None] | None = None
-            if provider.jwks_url is not None:
-                fetch = self._url_fetcher(provider)
-                on_loaded = functools.partial(_remember, provider.jwks_url)
+            remote = None
+            if provider.jwks_url is not None or provider.discovery:
+                fetch = remote = RemoteJwks(provider, self._http, fetch_metrics, ctx.logger)
+                on_loaded = functools.partial(_remember, remote.source)
             elif provider.jwks_file is not None:
-                fetch = self._file_fetcher(ctx.resolve(provider.jwks_file))
+                path = ctx.resolve(provider.jwks_file)
+                fetch = functools.partial(asyncio.to_thread, read_jwks_file, path)
             keys = KeySet(
                 provider.name, fetch, provider.jwks_ttl_s, provider.jwks_min_refetch_interval_s,
                 ctx.clock, ctx.logger, on_loaded,
             )
+            if provider.jwks_file is not None:
+                # A local key file is ours to get right: loaded here, so that `extsvc validate`
+                # (which builds steps but never starts them) rejects what a reload would.
+                try:
+                    keys.load_jwks(read_jwks_file(path))
+                except (OSError, ValueError) as exc:
+                    raise ValueError(
+                        f"provider {provider.name!r}: cannot load jwks_file {provider.jwks_file}: "
+                        f"{getattr(exc, 'strerror', None) or exc}"
+                    ) from exc
+                keys.fetched_at = ctx.clock()
             secret = None
             if provider.hs_secret_file is not None:
                 secret = ctx.read_secret_file(provider.hs_secret_file).strip()
@@ -399,7 +611,7 @@ class JwtAuthorizer:
                     raise ValueError(f"provider {provider.name!r}: the HS secret is shorter than 32 bytes")
             elif provider.keys:
                 keys.set_static([_inline_key(k) for k in provider.keys])
-            self._providers.append(_ProviderState(provider, keys, secret, provider.jwks_url))
+            self._providers.append(_ProviderState(provider, keys, secret, remote))
         self._by_issuer = {iss: state for state in self._providers for iss in state.config.issuers}
         realm = config.realm.replace('"', "").replace("\\", "")
         self._challenge = f'Bearer realm="{realm}"'
@@ -407,60 +619,38 @@ class JwtAuthorizer:
             401, headers={"www-authenticate": self._challenge}, reason="jwt: no token"
         )
 
-    def _url_fetcher(self, provider: Provider) -> Callable[[], Awaitable[Mapping[str, Any]]]:
-        url = provider.jwks_url or ""
-        timeout = provider.jwks_timeout_s
-
-        async def fetch() -> Mapping[str, Any]:
-            if self._client is None:
-                self._client = httpx.AsyncClient(verify=tls_context())
-            response = await self._client.get(
-                url, headers={"accept": "application/json"}, timeout=timeout
-            )
-            response.raise_for_status()
-            if len(response.content) > _MAX_JWKS_BYTES:
-                raise ValueError(f"the JWKS is larger than {_MAX_JWKS_BYTES} bytes")
-            document = response.json()
-            if not isinstance(document, Mapping):
-                raise ValueError("the JWKS is not a JSON object")
-            return document
-
-        return fetch
-
-    @staticmethod
-    def _file_fetcher(path: Path) -> Callable[[], Awaitable[Mapping[str, Any]]]:
-        async def fetch() -> Mapping[str, Any]:
-            text = await asyncio.to_thread(path.read_text, encoding="utf-8")
-            document = json.loads(text)
-            if not isinstance(document, Mapping):
-                raise ValueError("the JWKS file is not a JSON object")
-            return document
-
-        return fetch
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(verify=tls_context())
+        return self._client
 
     async def start(self) -> None:
-        """Fetch every provider's keys before serving.
+        """Start fetching the remote key sets; wait at most ``startup_wait_s`` for them.
 
-        A JWKS file that cannot be loaded rejects the config (it is ours to get right). An
-        unreachable JWKS URL does not: the step then uses the key set the same URL served before
-        a reload, if any, and otherwise denies until a fetch succeeds (each unknown ``kid`` may
-        trigger one, at most once per ``jwks_min_refetch_interval_s``).
+        Never holds up start-up or a reload for longer: a key set the same URL (or discovery
+        document) served before a reload is used at once while it is refetched; one that is not
+        loaded keeps being fetched in the background (with backoff), and until it is, tokens of
+        that provider are step errors (answered per the policy's ``on_error``). A JWKS file was
+        loaded when the step was built (one that cannot be loaded rejects the config).
         """
-        results = await asyncio.gather(*(state.keys.refresh() for state in self._providers))
-        for state, loaded in zip(self._providers, results, strict=True):
-            if state.url is not None:
-                if not loaded and state.url in _LAST_GOOD_JWKS:
-                    count = state.keys.load_jwks(_LAST_GOOD_JWKS[state.url])
-                    self._log.warning(
-                        "provider %s: JWKS unreachable; serving the %d key(s) it last returned",
-                        state.config.name, count,
-                    )
-            elif state.config.jwks_file is not None and not loaded:
-                raise ValueError(
-                    f"provider {state.config.name!r}: cannot load jwks_file {state.config.jwks_file}"
-                )
+        first: list[asyncio.Task[bool]] = []
+        for state in self._providers:
+            if state.remote is None:
+                continue
+            remembered = _LAST_GOOD_JWKS.get(state.remote.source)
+            if remembered is not None and not len(state.keys):
+                with contextlib.suppress(ValueError):
+                    count = state.keys.load_jwks(remembered)
+                    self._log.debug("provider %s: %d key(s) kept from before the reload, refetching",
+                                    state.config.name, count)
+            attempt = state.keys.start_loading()
+            if attempt is not None and not len(state.keys):
+                first.append(attempt)
+        if first and self._config.startup_wait_s > 0:
+            await asyncio.wait(first, timeout=self._config.startup_wait_s)
 
     async def aclose(self) -> None:
+        """Cancel every background fetch, then close the HTTP client."""
         for state in self._providers:
             await state.keys.aclose()
         if self._client is not None:

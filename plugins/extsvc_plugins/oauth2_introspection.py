@@ -6,9 +6,10 @@ allowed when the answer says ``"active": true``, its ``exp`` (if any) has not pa
 the ``required_scopes`` and one of the ``audiences`` (if configured). Active answers are cached by
 a hash of the token for ``cache_ttl_s``, never past the token's ``exp``; inactive ones for
 ``inactive_cache_ttl_s``, so a client repeating a bad token does not turn into a stream of calls
-to the IdP. The call is bounded by ``timeout_s`` and by the RPC's remaining deadline (the policy
-cancels a step that overruns it); an unreachable endpoint or an error status is a step error,
-answered per the policy's ``on_error``.
+to the IdP. The call is bounded by ``timeout_s`` (a hard deadline for the whole call, however
+slowly the answer drips in), by ``max_response_bytes`` (reading stops there) and by the RPC's
+remaining deadline (the policy cancels a step that overruns it); an unreachable endpoint, an error
+status, an answer too large or too slow is a step error, answered per the policy's ``on_error``.
 
 Example::
 
@@ -27,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -35,7 +37,17 @@ from urllib.parse import quote_plus
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
+from extsvc import (
+    AuthorizerType,
+    CheckContext,
+    Decision,
+    PluginContext,
+    RemoteFetchError,
+    RemoteFetchMetrics,
+    RemoteTooLarge,
+    fetch_json,
+    hookimpl,
+)
 from extsvc.credentials import (
     BEARER,
     CredentialSource,
@@ -46,6 +58,11 @@ from extsvc.credentials import (
     removal,
     tls_context,
 )
+
+#: Default cap of an introspection answer: RFC 7662 answers are a few hundred bytes (a few KiB
+#: with long scope or group lists); 256 KiB is ample, and at most 100 calls are in flight at once
+#: (httpx's connection pool), so answers never hold more than 25 MiB even under a flood.
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024
 
 
 class IntrospectionConfig(BaseModel):
@@ -60,7 +77,11 @@ class IntrospectionConfig(BaseModel):
     audiences: list[str] = Field(default_factory=list, description="if set, aud must hold one")
     forward: Forward = Field(default_factory=lambda: Forward(metadata={"sub": "sub"}))
     remove_credential: bool = False
-    timeout_s: float = Field(2.0, gt=0, le=30)
+    timeout_s: float = Field(2.0, gt=0, le=30, description="hard deadline of a call, body included")
+    max_response_bytes: int = Field(
+        DEFAULT_MAX_RESPONSE_BYTES, ge=1024, le=16 * 1024 * 1024,
+        description="longest answer read; reading stops there and the call is an error",
+    )
     cache_ttl_s: float = Field(60.0, ge=0)
     inactive_cache_ttl_s: float = Field(5.0, ge=0)
     cache_max_entries: int = Field(10_000, ge=0)
@@ -91,6 +112,8 @@ class Introspection:
         self._inflight: dict[bytes, asyncio.Task[dict[str, Any]]] = {}
         self._cache: TtlCache[Decision] = TtlCache(config.cache_max_entries, ctx.clock)
         self._calls = ctx.metrics.counter("introspection_calls", "Calls to the endpoint")
+        self._fetches = RemoteFetchMetrics(ctx.metrics)
+        self._form_headers = {"authorization": self._authorization}
         self.identity_headers = config.forward.header_names()
         realm = config.realm.replace('"', "").replace("\\", "")
         self._challenge = f'Bearer realm="{realm}"'
@@ -190,22 +213,27 @@ class Introspection:
 
     async def _introspect(self, token: str) -> dict[str, Any]:
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._config.timeout_s, verify=tls_context())
+            self._client = httpx.AsyncClient(verify=tls_context())
         form = {"token": token}
         if self._config.token_type_hint:
             form["token_type_hint"] = self._config.token_type_hint
         self._calls.inc()
-        # The step runs under the RPC's deadline: if that is shorter than timeout_s, the
-        # pipeline cancels this call and answers per on_error.
-        response = await self._client.post(
-            self._config.endpoint, data=form,
-            headers={"accept": "application/json", "authorization": self._authorization},
-        )
-        response.raise_for_status()
-        answer = response.json()
-        if not isinstance(answer, dict):
-            raise ValueError("introspection answer is not a JSON object")
-        return answer
+        # A task of its own (see _shared_introspection), ended by timeout_s however slowly the
+        # answer drips in; the request waiting for it is also cut off at its own deadline.
+        try:
+            return await fetch_json(
+                self._client, "POST", self._config.endpoint, data=form, headers=self._form_headers,
+                max_bytes=self._config.max_response_bytes, timeout_total_s=self._config.timeout_s,
+                metrics=self._fetches,
+            )
+        except RemoteFetchError as exc:
+            hint = " (raise max_response_bytes if answers really are this large)" if isinstance(
+                exc, RemoteTooLarge) else ""
+            self._log.log(
+                logging.WARNING if exc.reason in ("too-large", "timeout") else logging.INFO,
+                "introspection call failed: %s%s", exc, hint,
+            )
+            raise
 
 
 def _expiry(answer: dict[str, Any]) -> float | None:

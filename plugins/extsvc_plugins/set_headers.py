@@ -59,7 +59,7 @@ class SetHeadersConfig(_Model):
     @field_validator("remove_upstream")
     @classmethod
     def _no_pseudo(cls, names: list[str]) -> list[str]:
-        # envoy-protocols.md §1.2: Envoy silently ignores removing :-headers and host.
+        # docs/internals/envoy-behaviour.md §2.3: Envoy silently ignores removing :-headers and host.
         for name in names:
             if name.startswith(":") or name == "host":
                 raise ValueError(f"Envoy cannot remove {name!r} (pseudo-headers and host)")
@@ -68,7 +68,8 @@ class SetHeadersConfig(_Model):
     @field_validator("metadata")
     @classmethod
     def _no_envoy_key(cls, metadata: dict[str, Any]) -> dict[str, Any]:
-        if "ext_authz_duration" in metadata:  # §1.6 item 12: Envoy writes this key itself
+        # docs/internals/envoy-behaviour.md §2.4: Envoy writes this key itself
+        if "ext_authz_duration" in metadata:
             raise ValueError("ext_authz_duration is reserved by Envoy")
         return metadata
 

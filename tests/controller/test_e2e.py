@@ -23,11 +23,11 @@ EXAMPLE = ROOT / "examples" / "controller"
 
 pytestmark = pytest.mark.envoy
 
+
 @pytest.fixture(autouse=True)
 def _room_in_the_hour() -> None:
     """These tests count hour windows on the real clock: never across an hour's end."""
     wait_for_window_room(3600)
-
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_cli_explain_one_rule(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.envoy
 def test_cli_render_secret_dir_writes_keys_as_files(tmp_path: Path) -> None:
-    """STYLE.md §4: with --secret-dir the bootstrap names files instead of holding the key."""
+    """With --secret-dir the bootstrap names files instead of holding the key."""
     out, secrets = tmp_path / "envoy.yaml", tmp_path / "secrets"
     args = ["render", "-f", str(COMMON), "-f", str(CASES / "https"), "-o", str(out)]
     assert main([*args, "--secret-dir", str(secrets), "--status", str(tmp_path / "status.yaml")]) == 1

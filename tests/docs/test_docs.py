@@ -89,10 +89,7 @@ async def test_plugin_example_in_docs_works_in_a_policy() -> None:
     await runtime.close()
 
 
-async def test_plugin_test_example_in_docs_passes() -> None:
-    namespace = load_module("docs_tenant_header_test", docs_example("tenant_header"))
-    exec(compile(docs_example("tenant_header_test"), "<docs:test>", "exec"), namespace.__dict__)
-    await namespace.test_unknown_tenant_is_denied()
+# The package of "Testing a plugin" (docs/plugins.md) runs in tests/docs/test_plugin_package.py.
 
 
 def _extproc_config(*steps: str) -> str:

@@ -41,7 +41,8 @@ def test_allow_reaches_the_backend_with_upstream_mutations(authz_envoy: EnvoyPro
 
 
 def test_append_to_a_missing_header_adds_nothing(authz_envoy: EnvoyProcess) -> None:
-    # envoy-protocols.md §0.4: `append: true` on a request header that does not exist is dropped.
+    # docs/internals/envoy-behaviour.md §1.4: `append: true` on a request header that does not exist is
+    # dropped.
     seen = echo(httpx.get(authz_envoy.url("/"), headers={"x-user": "ann"}))
     headers = seen["headers"]
     assert isinstance(headers, dict)

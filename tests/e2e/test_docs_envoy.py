@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from extsvc.testing.harness import EnvoyProcess, ExtsvcProcess
+from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess, wait_until
 
 from .conftest import ROOT, StartEnvoy
 
@@ -25,7 +26,6 @@ def demo_envoy(start_envoy: StartEnvoy) -> Iterator[EnvoyProcess]:
         ("/admin", {}, 403),
         ("/", {}, 401),
         ("/", {"x-demo-user": "ann"}, 200),
-        ("/open/anything", {}, 200),     # the route's context_extensions pick allow-all
         ("/healthz", {}, 200),           # ext_authz disabled on this route
     ],
 )
@@ -71,3 +71,63 @@ def test_all_services_demo_authorizes_processes_and_limits(all_services_envoy: E
     denied = httpx.get(envoy.url("/"))
     assert denied.status_code == 401
     assert "x-ratelimit-limit" not in denied.headers
+
+
+def uncomment_open_route(config: str) -> str:
+    """The config with its commented-out ``/open`` route example switched on."""
+    lines = config.splitlines()
+    start = lines.index("              # - name: open")
+    end = next(i for i in range(start, len(lines)) if "context_extensions" in lines[i]) + 1
+    for i in range(start, end):
+        lines[i] = lines[i].replace("# ", "", 1)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name", ["ext-authz.yaml", "all-services.yaml"])
+def test_the_commented_route_example_names_a_policy(
+    start_envoy: StartEnvoy, tmp_path: Path, name: str
+) -> None:
+    config = uncomment_open_route((ROOT / "docs" / "envoy" / name).read_text(encoding="utf-8"))
+    with ExtsvcProcess(None) as server:
+        envoy = start_envoy(config, server.grpc_port)
+        assert httpx.get(envoy.url("/open/anything")).status_code == 200  # allow-all
+        assert httpx.get(envoy.url("/elsewhere")).status_code == 401  # the default policy
+
+
+OWN_POLICIES = """
+# a user's own file: other policy names, no extproc section, no rate-limit section
+default_policy: members
+policies:
+  members:
+    steps:
+      - plugin: header-match
+        config:
+          match: {headers: [{name: x-member, present: true}]}
+          on_match: allow
+          reply: {status: 403, body: "members only\n"}
+"""
+
+
+@pytest.mark.parametrize("name", ["ext-authz.yaml", "all-services.yaml"])
+def test_the_shipped_envoy_configs_work_with_any_policy_file(
+    start_envoy: StartEnvoy, backend: EchoBackend, tmp_path: Path, name: str
+) -> None:
+    own = tmp_path / "own.yaml"
+    own.write_text(OWN_POLICIES, encoding="utf-8")
+    with ExtsvcProcess(own) as server:
+        envoy = start_envoy(ROOT / "docs" / "envoy" / name, server.grpc_port)
+        allowed = httpx.get(envoy.url("/anything"), headers={"x-member": "yes"})
+        assert allowed.status_code == 200, allowed.text
+        assert allowed.json()["path"] == "/anything"
+        assert httpx.get(envoy.url("/anything")).status_code == 403
+        if name == "all-services.yaml":
+            # ext_proc has no policy to run: the stream passes through, counted as such
+            assert "x-extsvc-processed" not in allowed.headers
+            wait_until(
+                lambda: server.metric(
+                    "extsvc_extproc_streams_total", policy="", outcome="unselected"
+                ) >= 1,
+                5, "the pass-through stream to be counted",
+            )
+        # start-up said what requests that name no policy get
+        assert "extproc: no policies: ext_proc streams pass through unprocessed" in server.log()

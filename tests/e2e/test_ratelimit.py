@@ -15,11 +15,11 @@ from .conftest import HERE, StartEnvoy
 
 API_LIMIT = '3, 3;w=3600;name="api", 1000;w=3600;name="remote_address"'
 
+
 @pytest.fixture(autouse=True)
 def _room_in_the_hour() -> None:
     """These tests count hour windows on the real clock: never across an hour's end."""
     wait_for_window_room(3600)
-
 
 
 @pytest.fixture(scope="module", params=["memory", "redis"])

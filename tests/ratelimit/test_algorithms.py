@@ -93,7 +93,7 @@ def test_token_bucket_is_a_leaky_bucket_of_burst_cells(
 
 
 def test_fixed_window_maths_matches_ratelimit_examples() -> None:
-    # envoy-protocols.md §3.5: hour window at t=1000000 -> key ..._997200, reset 800 s
+    # docs/internals/envoy-behaviour.md §4.4: hour window at t=1000000 -> key ..._997200, reset 800 s
     op = alg.fixed_op("domain_key3_value3_", 1, 3600, 1_000_000)
     assert op.keys == ("domain_key3_value3_997200",)
     assert alg.fixed_status(1, 1, 10, 3600, 1_000_000) == alg.Outcome(False, 9, 800, 0, 1)

@@ -73,6 +73,9 @@ descriptors:
         ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: hour, algorithm: leaky}\n",
          "f.yaml: descriptors[0].rate_limit.algorithm: Input should be"),
         ("domain: [d\n", "f.yaml: not valid YAML"),
+        # a bucket whose arrival times the Redis script's doubles could not hold exactly
+        ("domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unit: year, requests_per_unit: 1, algorithm: token_bucket, burst: 100}\n",  # noqa: E501
+         "f.yaml: descriptors[0].rate_limit: burst / requests_per_unit x unit: a bucket that takes over 35 years"),  # noqa: E501
     ],
 )
 def test_bad_files_name_file_and_field(text: str, expected: str) -> None:

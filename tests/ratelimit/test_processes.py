@@ -35,11 +35,11 @@ descriptors:
     rate_limit: {{unit: hour, requests_per_unit: {LIMIT}, algorithm: token_bucket}}
 """
 
+
 @pytest.fixture(autouse=True)
 def _room_in_the_hour() -> None:
     """These tests count hour windows on the real clock: never across an hour's end."""
     wait_for_window_room(3600)
-
 
 
 def write_config(tmp: Path, url: str, failure_mode: str = "allow", timeout_ms: int = 100) -> Path:

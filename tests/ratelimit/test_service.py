@@ -31,11 +31,11 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 1}
 """
 
+
 @pytest.fixture(autouse=True)
 def _room_in_the_hour() -> None:
     """These tests count hour windows on the real clock: never across an hour's end."""
     wait_for_window_room(3600)
-
 
 
 def request(domain: str, *descriptors: list[tuple[str, str]], hits: int = 0) -> Any:
@@ -158,3 +158,32 @@ def test_validate_reports_domain_file_problems(config_dir: Path) -> None:
                           capture_output=True, text=True, check=False, timeout=30)
     assert done.returncode == 1
     assert "b.yaml: descriptors[0].rate_limit: unit is required" in done.stdout + done.stderr
+
+
+async def test_a_config_reload_never_leaves_the_service_without_limits(config_dir: Path) -> None:
+    # Every config load re-applies the ratelimit section; while its domain files are read (off
+    # the event loop) calls must still be answered by the limits serving, never UNAVAILABLE.
+    config = config_dir / "extsvc.yaml"
+    async with running_server(config, reload_interval_s=0.02) as server, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        errors: list[str] = []
+        stop = asyncio.Event()
+
+        async def call_all_the_time() -> int:
+            calls = 0
+            while not stop.is_set():
+                try:
+                    await stub.ShouldRateLimit(request("a", [("k", "v")]), timeout=2)
+                except grpc.aio.AioRpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
+                calls += 1
+            return calls
+
+        callers = [asyncio.create_task(call_all_the_time()) for _ in range(4)]
+        for generation in range(2, 8):
+            config.write_text(f"version: 1\n# {generation}\nratelimit: {{config_dir: domains}}\n")
+            await wait_for(lambda g=generation: _async(server.loader.generation >= g))
+        stop.set()
+        assert sum(await asyncio.gather(*callers)) > 0
+        assert errors == []

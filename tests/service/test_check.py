@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from .conftest import Serve, write_file
+from .conftest import ScriptPlugin, Serve, eventually, write_file
 
 ALLOW_DENY = """
 policies:
@@ -47,7 +48,7 @@ async def test_allow_carries_every_header_and_query_mutation(serve: Serve) -> No
     assert response.status.code == 0
     assert response.WhichOneof("http_response") == "ok_response"
     ok = response.ok_response
-    # envoy-protocols.md §0.4: only the `append` bool counts for upstream headers.
+    # docs/internals/envoy-behaviour.md §1.4: only the `append` bool counts for upstream headers.
     assert [(h.header.key, h.header.value, h.append.value) for h in ok.headers] == [
         ("x-user", "alice", False),
         ("x-trace", "authz", True),
@@ -69,7 +70,7 @@ async def test_deny_carries_status_body_and_headers(serve: Serve) -> None:
         assert served.sample(
             "extsvc_authz_decisions_total", policy="refuse", decision="deny"
         ) == 1
-    assert response.status.code != 0  # §1.2: a denial is a non-zero code on an OK RPC
+    assert response.status.code != 0  # docs/internals/envoy-behaviour.md §2.2: a non-zero code on an OK RPC
     assert response.WhichOneof("http_response") == "denied_response"
     denied = response.denied_response
     assert denied.status.code == 401
@@ -135,10 +136,13 @@ async def test_policy_choice(
 
 
 @pytest.mark.parametrize(
-    ("config", "extensions", "label"),
+    ("config", "extensions", "label", "logged"),
     [
-        pytest.param(CHOICE, {"extsvc-policy": "nope"}, "nope", id="unknown-name"),
-        pytest.param(f"policies:\n{tagging('p')}", {}, "", id="no-choice-no-default"),
+        # the name comes from the request: the label is one value for all unknown names
+        pytest.param(CHOICE, {"extsvc-policy": "nope"}, "(unknown)", "unknown policy 'nope'",
+                     id="unknown-name"),
+        pytest.param(f"policies:\n{tagging('p')}", {}, "", "no default_policy",
+                     id="no-choice-no-default"),
     ],
 )
 async def test_unknown_policy_is_denied_on_an_ok_rpc_and_counted(
@@ -147,6 +151,7 @@ async def test_unknown_policy_is_denied_on_an_ok_rpc_and_counted(
     config: str,
     extensions: dict[str, str],
     label: str,
+    logged: str,
 ) -> None:
     async with serve(config) as served:
         response = await served.check(context_extensions=extensions, request_id="rid-unknown")
@@ -157,7 +162,7 @@ async def test_unknown_policy_is_denied_on_an_ok_rpc_and_counted(
     warning = next(r for r in caplog.records if r.name == "extsvc.authz.service")
     assert warning.levelno == logging.WARNING
     assert "rid-unknown" in warning.getMessage()
-    assert (f"unknown policy {label!r}" if label else "no default_policy") in warning.getMessage()
+    assert logged in warning.getMessage()
 
 
 async def test_check_before_any_config_is_an_error_response(
@@ -169,7 +174,8 @@ async def test_check_before_any_config_is_an_error_response(
         assert served.generation == 0
         response = await served.check()
         assert served.sample("extsvc_authz_decisions_total", policy="", decision="error") == 1
-    # §1.2: error_response without a status -> Envoy's status_on_error / failure_mode_allow.
+    # docs/internals/envoy-behaviour.md §2.2: error_response without a status -> Envoy's status_on_error /
+    # failure_mode_allow.
     assert response.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert response.WhichOneof("http_response") == "error_response"
     assert not response.error_response.HasField("status")
@@ -244,7 +250,7 @@ async def test_a_step_overrunning_the_policy_timeout_is_answered_per_on_error(
 
 async def test_a_step_overrunning_the_rpc_deadline_is_answered_before_it(serve: Serve) -> None:
     # The step gets the RPC's remaining time minus the margin kept for sending the answer, so
-    # Envoy receives the on_error answer instead of its own timeout (envoy-protocols.md §0.1).
+    # Envoy receives the on_error answer instead of its own timeout (docs/internals/envoy-behaviour.md §1.1).
     async with serve(failing("deny", "sleep"), deadline_margin_ms=400) as served:
         response = await served.check("/x", timeout=1.0)
     assert_answered_per("deny", response)
@@ -257,3 +263,35 @@ async def test_an_untouched_step_is_not_blamed(serve: Serve) -> None:
             "extsvc_step_errors_total", policy="p", plugin="script", reason="exception"
         ) == 0
     assert (response.status.code, response.WhichOneof("http_response")) == (0, "ok_response")
+
+
+class _Entries:
+    """Stands in for ScriptPlugin.entered: counts the steps that started."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def set(self) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("on_error", ["deny", "allow", "envoy"])
+async def test_checks_over_max_inflight_get_the_on_error_answer_at_once(
+    serve: Serve, script: ScriptPlugin, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    entries = _Entries()
+    script.entered = entries  # type: ignore[assignment]
+    async with serve(failing(on_error, "wait"), max_authz_inflight=2) as served:
+        held = [asyncio.ensure_future(served.check("/x", timeout=5)) for _ in range(2)]
+        await eventually(lambda: entries.count == 2, what="two Checks waiting in their step")
+        shed = await served.check("/x", timeout=5, request_id="rid-shed")
+        assert served.sample("extsvc_shed_total", service="ext_authz") == 1
+        assert entries.count == 2  # no step ran for the shed Check
+        script.release.set()
+        answers = await asyncio.gather(*held)
+        after = await served.check("/x", timeout=5)  # below the cap again: the steps run
+    # the shed Check gets the policy's on_error answer: never a silent allow
+    assert_answered_per(on_error, shed)
+    assert all(a.WhichOneof("http_response") == "ok_response" for a in [*answers, after])
+    assert any("max_authz_inflight" in r.getMessage() and "rid-shed" in r.getMessage()
+               for r in caplog.records), caplog.text

@@ -52,7 +52,7 @@ async def test_a_stream_is_answered_phase_by_phase_with_raw_value_mutations() ->
     assert [a.WhichOneof("response") for a in answers] == ["request_headers", "response_headers"]
     request_mutation = answers[0].request_headers.response.header_mutation
     assert raw_headers(request_mutation) == {"x-gateway": b"extsvc"}
-    # envoy-protocols.md §0.3: Envoy reads only raw_value; `value` must stay empty.
+    # docs/internals/envoy-behaviour.md §1.3: Envoy reads only raw_value; `value` must stay empty.
     assert all(o.header.value == "" for o in request_mutation.set_headers)
     assert raw_headers(answers[1].response_headers.response.header_mutation) == {
         "x-frame-options": b"DENY"
@@ -112,6 +112,7 @@ extproc:
     common = answers[1].request_body.response
     new_body = common.body_mutation.body
     assert b"hunter2" not in new_body
-    # envoy-protocols.md §2.3: Envoy keeps content-length in BUFFERED mode with headers sent, and
-    # rejects a body whose length no longer matches it: the same answer must fix content-length.
+    # Envoy keeps content-length in BUFFERED mode with headers sent, and rejects a body whose
+    # length no longer matches it: the same answer must fix content-length.
+    # docs/internals/envoy-behaviour.md §3.3.
     assert raw_headers(common.header_mutation)["content-length"] == str(len(new_body)).encode()

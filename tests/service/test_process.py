@@ -81,7 +81,7 @@ def test_sigterm_lets_the_in_flight_check_finish_then_exits_0(
     config.write_text("default_policy: p\npolicies:\n  p:\n    steps: [{plugin: nap}]\n")
     proc = spawn(
         "--config", str(config), "--grace-period", "5", "--log-format", "json",
-        "--log-level", "DEBUG", env=nap_plugin,
+        "--log-level", "DEBUG", "--drain-delay", "0", env=nap_plugin,
     )
     proc.wait_ready()
     with grpc.insecure_channel(f"127.0.0.1:{proc.grpc_port}") as channel:
@@ -110,7 +110,7 @@ def test_sighup_reloads_at_once_and_an_idle_server_stops_promptly(
 ) -> None:
     config = tmp_path / "extsvc.yaml"
     config.write_text("default_policy: p\npolicies:\n  p:\n    steps: [{plugin: allow}]\n")
-    proc = spawn("--config", str(config), "--reload-interval", "60")
+    proc = spawn("--config", str(config), "--reload-interval", "60", "--drain-delay", "0")
     proc.wait_ready()
     config.write_text("default_policy: q\npolicies:\n  q:\n    steps: [{plugin: deny}]\n")
     proc.popen.send_signal(signal.SIGHUP)
@@ -151,7 +151,7 @@ def test_a_busy_port_fails_start_up_without_restarts(
 def test_serve_runs_on_uvloop_unless_asked_otherwise(
     spawn: Callable[..., Proc], args: tuple[str, ...], env: dict[str, str], expected: str
 ) -> None:
-    proc = spawn(*args, env=env)
+    proc = spawn(*args, "--drain-delay", "0", env=env)
     proc.wait_ready()
     assert proc.admin("/status").json()["event_loop"] == expected
     assert f"event loop {expected}" in proc.log
@@ -176,7 +176,8 @@ def test_two_workers_share_the_port_all_answer_and_all_exit_0_on_sigterm(
     config = tmp_path / "extsvc.yaml"
     config.write_text("default_policy: p\npolicies:\n  p:\n    steps: [{plugin: allow}]\n")
     proc = spawn(
-        "--workers", "2", "--config", str(config), "--log-format", "json", "--log-level", "DEBUG"
+        "--workers", "2", "--config", str(config), "--log-format", "json", "--log-level", "DEBUG",
+        "--drain-delay", "0",
     )
     # The admin port is shared too: new connections reach either worker.
     workers: set[int] = set()
@@ -241,7 +242,7 @@ def test_validate_names_the_offending_field_and_exits_1(tmp_path: Path) -> None:
     good.write_text("default_policy: p\npolicies:\n  p:\n    steps: [{plugin: allow}]\n")
     result = run_cli("validate", str(good))
     assert result.returncode == 0, result.stderr
-    assert "OK (1 policies: p; default: p)" in result.stdout
+    assert f"{good}: OK\n  ext_authz: 1 policies: p; default: p\n" in result.stdout
 
 
 def test_plugins_list_shows_the_example_plugin_from_its_entry_point() -> None:

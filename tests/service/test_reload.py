@@ -146,3 +146,26 @@ async def test_the_reload_metrics_over_http(serve: Serve, config: Path) -> None:
         await eventually(lambda: served.generation == 2)
         assert (await scraped(served, "ok"), await scraped(served, "error")) == (2, 1)
         assert (await served.scrape())[series("extsvc_config_generation")] == 2
+
+
+async def test_status_shows_the_serving_generation_and_the_last_rejected_load(
+    serve: Serve, config: Path
+) -> None:
+    async with serve(config, reload_interval_s=0.05) as served:
+        status = (await served.admin("/status")).json()
+        assert status["serving"]["generation"] == 1 and status["serving"]["source"] == str(config)
+        assert status["serving"]["load_seconds"] >= 0 and status["last_rejected"] is None
+        write_file(config, tagged("v2").replace("plugin: script", "plugin: scirpt"))
+        await eventually(
+            lambda: served.sample("extsvc_config_reloads_total", result="error") == 1,
+            what="the reload error counted",
+        )
+        status = (await served.admin("/status")).json()
+        rejected = status["last_rejected"]
+        assert status["generation"] == 1 and rejected["serving_generation"] == 1
+        assert rejected["source"] == str(config) and rejected["problem_count"] == 1
+        assert "unknown plugin kind 'scirpt'" in rejected["problems"][0]
+        write_file(config, tagged("v3"))
+        await eventually(lambda: served.generation == 2, what="generation 2")
+        status = (await served.admin("/status")).json()
+        assert status["last_rejected"] is None and status["serving"]["generation"] == 2

@@ -161,6 +161,9 @@ class IdpState:
 
     jwks: dict[str, Any] = field(default_factory=dict)
     jwks_status: int = 200
+    #: the OpenID Connect discovery document (``None``: 404)
+    discovery: dict[str, Any] | None = None
+    discovery_requests: int = 0
     #: token -> introspection answer; unknown tokens get {"active": false}
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     introspection_status: int = 200
@@ -180,7 +183,8 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class IdpServer:
-    """``GET /jwks`` and ``POST /introspect`` (RFC 7662) on 127.0.0.1, in a thread."""
+    """``GET /jwks``, ``GET /.well-known/openid-configuration`` (when ``state.discovery`` is set)
+    and ``POST /introspect`` (RFC 7662) on 127.0.0.1, in a thread."""
 
     def __init__(self) -> None:
         self.state = IdpState()
@@ -199,6 +203,11 @@ class IdpServer:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:
+                if self.path == "/.well-known/openid-configuration" and state.discovery is not None:
+                    with state.lock:
+                        state.discovery_requests += 1
+                    self._reply(200, state.discovery)
+                    return
                 if self.path != "/jwks":
                     self._reply(404, {})
                     return
@@ -231,6 +240,15 @@ class IdpServer:
     @property
     def jwks_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/jwks"
+
+    @property
+    def issuer(self) -> str:
+        """The issuer whose discovery document this server holds: its own base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def serve_discovery(self) -> None:
+        """Answer discovery for :attr:`issuer`, naming :attr:`jwks_url`."""
+        self.state.discovery = {"issuer": self.issuer, "jwks_uri": self.jwks_url}
 
     @property
     def introspection_url(self) -> str:

@@ -139,6 +139,35 @@ async def test_an_unknown_user_costs_a_verification_too(steps: Steps, verificati
     assert verifications == [BCRYPT]  # checked against the first entry's hash, then denied
 
 
+SHA512_OTHER = "$6$rounds=10000$othersalt123456$" + "x" * 86  # another user, the same kind as SHA512
+
+
+def test_unknown_users_are_checked_against_the_most_common_hash_kind() -> None:
+    """Scheme and cost together: a wrong password costs what its user's kind costs."""
+    table = parse_htpasswd(f"alice:{BCRYPT}\nbob:{SHA256}\ncarol:{SHA512}\ndan:{SHA512_OTHER}\n".encode())
+    assert table.kinds == {
+        "bcrypt cost 4": 1, "sha256-crypt 5000 rounds": 1, "sha512-crypt 10000 rounds": 2
+    }
+    assert table.dummy == SHA512  # the first entry of the most common kind, not the first entry
+    bcrypt_12 = "$2y$12$" + BCRYPT[7:]
+    assert parse_htpasswd(f"a:{BCRYPT}\nb:{bcrypt_12}\nc:{bcrypt_12}\n".encode()).kinds == {
+        "bcrypt cost 4": 1, "bcrypt cost 12": 2,
+    }
+    # as common: the first in the file; no entry at all: a bcrypt dummy
+    assert parse_htpasswd(f"bob:{SHA256}\nalice:{BCRYPT}\n".encode()).dummy == SHA256
+    assert parse_htpasswd(b"# nobody\n").dummy.startswith("$2b$10$")
+
+
+async def test_a_file_mixing_hash_kinds_is_logged(steps: Steps, caplog: pytest.LogCaptureFixture) -> None:
+    await steps(f"alice:{BCRYPT}\ncarol:{SHA512}\ndan:{SHA512_OTHER}\n")
+    [warning] = [r.getMessage() for r in caplog.records if "mixes hash kinds" in r.getMessage()]
+    assert "(sha512-crypt 10000 rounds: 2, bcrypt cost 4: 1)" in warning
+    assert "the 1 user(s) of the other kinds" in warning
+    caplog.clear()
+    await steps(f"carol:{SHA512}\ndan:{SHA512_OTHER}\n")
+    assert "mixes hash kinds" not in caplog.text
+
+
 async def test_a_changed_file_is_reloaded_and_the_cache_dropped(steps: Steps, tmp_path: Path) -> None:
     step = await steps()
     assert (await check(step, headers=basic("alice", "bcrypt-pw"))).allowed

@@ -222,6 +222,29 @@ def test_yaml_syntax_error() -> None:
     assert "line 1" in info.value.problems[0]
 
 
+def test_a_yaml_error_points_at_the_line_with_a_caret() -> None:
+    # libyaml parses; a broken file is parsed again by PyYAML for its excerpt of the line
+    with pytest.raises(ConfigError) as info:
+        parse("policies:\n  p:\n    steps: [{plugin: allow}\n  q: 1\n", source="bad.yaml")
+    assert "line 4, column 3:\n      q: 1\n      ^" in info.value.problems[0]
+
+
+def test_aliases_may_add_values_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from extsvc.config import safeyaml
+
+    monkeypatch.setattr(safeyaml, "MAX_ALIAS_NODES", 60)
+    # `&s` is a list of one mapping of 2 pairs: 6 values; each further use adds them again
+    uses = "".join(f"  p{i}: {{steps: *s}}\n" for i in range(1, 11))
+    text = "policies:\n  p0: {steps: &s [{plugin: allow, name: a}]}\n" + uses
+    assert len(parse(text).policies) == 11  # 10 uses x 6 values = 60: allowed
+    with pytest.raises(ConfigError) as info:
+        parse(text + "  p11: {steps: *s}\n", source="c.yaml")
+    assert info.value.problems[0].startswith(
+        "c.yaml: refused: aliases (*name) expand to 66 more values than the file writes, more "
+        "than the 60 allowed"
+    )
+
+
 @pytest.mark.parametrize(("text", "kind"), [("- a\n- b\n", "list"), ("just text", "str"), ("42", "int")])
 def test_top_level_not_a_mapping(text: str, kind: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -354,8 +377,9 @@ def test_validate_cli_accepts_the_demo_config(capsys: pytest.CaptureFixture[str]
     assert main(["validate", str(DEMO_PATH)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == [
-        f"{DEMO_PATH}: OK (3 policies: allow-all, demo, deny-all; default: demo)",
-        "  extproc: 1 policies: demo; default: demo",
+        f"{DEMO_PATH}: OK",
+        "  ext_authz: 3 policies: allow-all, demo, deny-all; default: demo",
+        "  ext_proc: 1 policies: demo; default: demo",
         "  ratelimit: 1 domains: demo; store: memory",
     ]
     assert err == ""
@@ -391,7 +415,7 @@ def test_validate_cli_knows_entry_point_kinds(
     path = tmp_path / "tenant.yaml"
     path.write_text("policies: {t: {steps: [{plugin: tenant-header, config: {allowed: [acme]}}]}}")
     assert main(["validate", str(path)]) == 0
-    assert "OK (1 policies: t; default: none)" in capsys.readouterr().out
+    assert "ext_authz: 1 policies: t; default: none" in capsys.readouterr().out
 
 
 def test_validate_cli_honours_the_block_list(
@@ -429,3 +453,121 @@ def test_validate_cli_reports_file_level_problems(
 def test_validate_cli_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(tmp_path / "nope.yaml")]) == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_validate_reports_shape_plugin_build_and_domain_problems_in_one_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a bad `combine` (the file's shape) must not hide a misspelled kind further down
+    shape = tmp_path / "shape.yaml"
+    shape.write_text(
+        "policies:\n"
+        "  a: {combine: first-wins, steps: [{plugin: allow}]}\n"
+        "  b: {steps: [{plugin: alow}, {plugin: deny, config: {status: 42}}]}\n"
+        "extproc: {policies: {x: {processors: [{plugin: hedaers}]}}}\n"
+    )
+    assert main(["validate", str(shape)]) == 1
+    err = capsys.readouterr().err
+    assert f"{shape}: 4 problem(s)" in err
+    assert "policies.a.combine: " in err
+    assert "policies.b.steps[0].plugin: unknown plugin kind 'alow'" in err
+    assert "policies.b.steps[1].config.status: " in err
+    assert "extproc.policies.x.processors[0].plugin: unknown processor kind 'hedaers'" in err
+
+    # files a step reads are read by validate (as by a reload): every missing one is named,
+    # and so are the rate-limit domain files' problems
+    (tmp_path / "domains").mkdir()
+    (tmp_path / "domains" / "d.yaml").write_text("domain: d\ndescriptors: [{key: k, rate_limit: {}}]\n")
+    files = tmp_path / "files.yaml"
+    files.write_text(
+        "policies:\n"
+        "  j: {steps: [{plugin: jwt, config: {providers: [{name: idp, issuers: [i],"
+        " audiences: [api], algorithms: [RS256], jwks_file: missing-jwks.json}]}}]}\n"
+        "  k: {steps: [{plugin: api-key, config: {keys_file: missing-keys.json}}]}\n"
+        "ratelimit: {config_dir: domains}\n"
+    )
+    assert main(["validate", str(files)]) == 1
+    err = capsys.readouterr().err
+    assert f"{files}: 3 problem(s)" in err
+    assert "cannot load jwks_file missing-jwks.json: No such file or directory" in err
+    assert "policies.k.steps[0]: plugin 'api-key' failed to build" in err
+    assert "d.yaml: descriptors[0].rate_limit: unit is required" in err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_validate_summarises_long_lists_and_says_what_unmatched_requests_get(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "many.yaml"
+    path.write_text(
+        "policies:\n" + "".join(f"  p{i:04d}: {{steps: [{{plugin: allow}}]}}\n" for i in range(1000))
+    )
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  ext_authz: 1000 policies: p0000, p0001, " in out
+    assert "p0009 and 990 more; default: none" in out
+    assert "p0010" not in out
+    # no default_policy and no extproc section: what requests that name no policy get
+    assert "note: ext_authz: no default_policy: a request whose route names no policy" in out
+    assert "note: extproc: no policies: ext_proc streams pass through unprocessed" in out
+    assert main(["validate", "--verbose", str(path)]) == 0
+    assert "p0999; default: none" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_validate_says_a_binary_file_is_not_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "not a text file (byte 0 is not UTF-8)" in err and "invalid settings" not in err
+
+
+def test_an_unknown_kind_names_plugins_installed_after_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from extsvc.config.compile import parse_checked
+    from extsvc.plugin import host as host_module
+
+    host = PluginHost.create()
+    assert host.entry_points_added() == []
+    before = host_module._entry_points()
+    late = EntryPoint(name="late", value="late_extsvc.plugin", group="extsvc")
+    monkeypatch.setattr(host_module, "_entry_points", lambda: [*before, late])
+    with pytest.raises(ConfigError) as info:
+        parse_checked("policies: {p: {steps: [{plugin: late-kind}]}}", host)
+    assert info.value.problems == [
+        "policies.p.steps[0].plugin: unknown plugin kind 'late-kind' (known: "
+        + ", ".join(sorted(host.authorizers))
+        + "); plugin package(s) installed after start-up: late (late_extsvc.plugin): "
+        "restart extsvc to load them"
+    ]
+
+
+def test_every_cli_flag_has_help_and_the_environment_is_listed(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from extsvc.cli import _parser
+    from extsvc.settings import ENV_PREFIX, Settings
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                missing.append(f"{path} {action.dest}")
+        return missing
+
+    assert walk(_parser(), "extsvc") == []
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"{ENV_PREFIX}{name.upper()} " in out
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("extsvc 0.")

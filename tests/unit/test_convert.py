@@ -1,4 +1,4 @@
-"""CheckRequest -> CheckContext and Decision -> CheckResponse (envoy-protocols.md §1, §0.4)."""
+"""CheckRequest -> CheckContext and Decision -> CheckResponse (docs/internals/envoy-behaviour.md §2, §1.4)."""
 
 from __future__ import annotations
 
@@ -324,7 +324,8 @@ def test_allow_header_mutations() -> None:
     assert headers == [("x-user", "alice", True, False), ("x-trace", "authz", True, True)]
     assert list(ok.headers_to_remove) == ["authorization", "cookie"]
     for option in ok.headers:
-        assert option.header.raw_value == b""  # ext_authz: Envoy reads `value` (§0.3)
+        # ext_authz: Envoy reads `value` (docs/internals/envoy-behaviour.md §1.3)
+        assert option.header.raw_value == b""
 
 
 @pytest.mark.parametrize(
@@ -385,7 +386,8 @@ def test_deny_is_a_denied_response_with_a_non_zero_code() -> None:
         ("retry-after", "5"), ("set-cookie", "a=1"), ("set-cookie", "b=2"),
     ]
     for option in denied.headers:
-        assert not option.HasField("append")  # §0.4: append:true headers are dropped on replies
+        # docs/internals/envoy-behaviour.md §1.4: append:true headers are dropped on replies
+        assert not option.HasField("append")
         assert option.append_action == HVO.APPEND_IF_EXISTS_OR_ADD
 
 
@@ -413,7 +415,8 @@ def test_envoy_error_is_an_error_response_without_status() -> None:
 
 
 def test_an_empty_envoy_error_is_still_an_error_response() -> None:
-    # without error_response Envoy sees a plain denial (403) and skips failure_mode_allow (§1.2)
+    # without error_response Envoy sees a plain denial (403) and skips failure_mode_allow
+    # (docs/internals/envoy-behaviour.md §2.2)
     wire = to_check_response(Decision.deny(503), envoy_error=True)
     assert wire.WhichOneof("http_response") == "error_response"
     assert wire.status.code != 0

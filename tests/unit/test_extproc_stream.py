@@ -1,10 +1,11 @@
-"""The ext_proc stream state machine, fed events (envoy-protocols.md §2.10 checklist in brackets)."""
+"""The ext_proc stream state machine, fed events (docs/internals/envoy-behaviour.md §3)."""
 
 from __future__ import annotations
 
 import pytest
 
 from extsvc.config.compile import compile_config, parse
+from extsvc.errors import ConfigError
 from extsvc.extproc.stream import ExtprocStream, ProtocolError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
@@ -130,7 +131,7 @@ async def test_protocol_config_and_attributes_come_from_the_first_message(plugin
     assert exchange.attributes == {"request.path": "/orders", "response.code": 200.0}
 
 
-# -- observability mode (§2.8) ----------------------------------------------------------------
+# -- observability mode (docs/internals/envoy-behaviour.md §3.8) ---------------------------------
 
 
 async def test_observability_mode_runs_processors_but_answers_nothing(plugin: ScriptPlugin) -> None:
@@ -162,7 +163,7 @@ processors:
 
 
 async def test_request_drain_is_never_set(plugin: ScriptPlugin) -> None:
-    # envoy-protocols.md §0.2: field 11 is streamed_immediate_response in Envoy 1.40.
+    # docs/internals/envoy-behaviour.md §1.2: field 11 is streamed_immediate_response in Envoy 1.40.
     stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
                                    "{phases: [request_headers], set: {x: y}}}]")
     [answer] = await stream.feed(headers_message(POST, modes=("buffered", "none")))
@@ -461,6 +462,7 @@ extproc:
   policy_attribute: xds.route_name
   policy_metadata: {namespace: gw.meta, key: extproc}
   policy_header: x-extproc-policy
+  policy_header_trusted: true  # the tests play Envoy, which set it
   policies:
     a: {processors: [{plugin: headers, config: {request: {set: {x-policy: a}}}}]}
     b: {processors: [{plugin: headers, config: {request: {set: {x-policy: b}}}}]}
@@ -497,11 +499,56 @@ async def test_an_unknown_policy_fails_closed_with_500() -> None:
     assert stream.unknown_policy
 
 
-async def test_no_extproc_section_fails_closed() -> None:
+def test_a_policy_header_is_refused_unless_the_config_says_envoy_sets_it() -> None:
+    """A request header is the client's to send: choosing the policy by it is allowed only when
+    the config states Envoy strips the client's header and sets its own."""
+    untrusted = "extproc: {default_policy: d, policy_header: x-p, policies: {d: {processors: []}}}"
+    with pytest.raises(ConfigError) as info:
+        parse(untrusted)
+    [problem] = info.value.problems
+    assert problem.startswith("extproc: policy_header: 'x-p' would let a client choose")
+    assert "policy_header_trusted: true" in problem  # the fix, named
+    trusted = parse(untrusted.replace("x-p,", "x-p, policy_header_trusted: true,"))
+    assert trusted.extproc.policy_header == "x-p"
+
+
+async def test_a_client_header_cannot_pick_a_policy_without_policy_header() -> None:
+    redacting = """
+extproc:
+  default_policy: redact
+  policies:
+    redact: {processors: [{plugin: json-redact, config: {request: [password]}}]}
+    open: {processors: []}
+"""
+    stream = await stream_for(redacting, host=PluginHost.create())
+    asking = dict.fromkeys(("x-extproc-policy", "x-extsvc-policy", "extsvc-policy"), "open")
+    await stream.feed(headers_message({**POST, **asking}, modes=("buffered", "none")))
+    assert stream.policy_name == "redact"
+    [answer] = await stream.feed(body_message(b'{"user":"ann","password":"hunter2"}'))
+    assert b"hunter2" not in answer.request_body.response.body_mutation.body
+
+
+async def test_no_extproc_section_passes_streams_through_unchanged() -> None:
     stream = await stream_for("policies: {}")
     [answer] = await stream.feed(headers_message(POST))
+    assert not answer.HasField("immediate_response") and not stream.unknown_policy
+    assert stream.policy_name == "" and not common(answer).HasField("header_mutation")
+    # nothing needs the rest of the stream: Envoy is told to skip it where it allows
+    assert answer.mode_override.response_header_mode == 2  # SKIP
+    [body] = await stream.feed(body_message(b"as it was"))
+    assert not body.request_body.response.HasField("body_mutation")
+
+
+async def test_a_stream_that_chooses_no_policy_passes_through_unless_told_to_reject() -> None:
+    config = SELECT.replace("default_policy: d", "default_policy: null")
+    passed = await stream_for(config, authority="x")
+    [answer] = await passed.feed(headers_message(POST))
+    assert not answer.HasField("immediate_response") and passed.policy_name == ""
+    rejecting = await stream_for(config + "  unselected: reject\n", authority="x")
+    [answer] = await rejecting.feed(headers_message(POST))
     assert answer.immediate_response.status.code == 500
     assert answer.immediate_response.details == "extsvc: no ext_proc policy chosen"
+    assert rejecting.unknown_policy
 
 
 @pytest.mark.parametrize(
@@ -511,7 +558,8 @@ async def test_no_extproc_section_fails_closed() -> None:
         ("extproc: {default_policy: only, policies: {only: {processors: []}}}", False),
         ("extproc: {default_policy: only, authority_policies: {a.example: only},"
          " policies: {only: {processors: []}}}", False),
-        ("extproc: {default_policy: only, policy_header: x-p, policies: {only: {processors: []}}}",
+        ("extproc: {default_policy: only, policy_header: x-p, policy_header_trusted: true,"
+         " policies: {only: {processors: []}}}",
          True),  # the header may name an unknown policy: the authority's answer would win
         ("extproc: {policies: {only: {processors: []}}}", True),  # no default: only:9001 -> only
     ],

@@ -16,7 +16,7 @@ from extsvc import Decision
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
 from extsvc.testing import check_context
-from extsvc_plugins.jwt_auth import JwtAuthorizer, JwtConfig
+from extsvc_plugins.jwt_auth import JwtAuthorizer, JwtConfig, KeysUnavailable
 
 from .authkit import (
     AUDIENCE,
@@ -114,11 +114,37 @@ def test_all_authentication_plugins_are_built_in() -> None:
         ({"keys": [public_pem(rsa_key())]}, "exactly one of jwks_url, jwks_file, keys"),
         ({"jwks_url": "file:///etc/passwd"}, r"jwks_url must be http\(s\)"),
         ({"leeway_s": 3600}, "leeway_s"),
+        ({"jwks_max_bytes": 100}, "jwks_max_bytes"),
+        ({"jwks_timeout_s": 0}, "jwks_timeout_s"),
+        ({"discovery": True}, "exactly one of jwks_url, jwks_file, keys, hs_secret_file, discovery"),
+        ({"jwks_url": None, "discovery": True, "issuers": ["http://idp.example"]},
+         r"the issuer must be an https URL \(http only on a loopback address\)"),
+        ({"jwks_url": None, "discovery": True, "discovery_url": "http://idp.example/meta"},
+         "the discovery_url must be an https URL"),
+        ({"jwks_url": None, "discovery": True, "issuers": [ISSUER, "https://b.test"]},
+         "discovery needs exactly one issuer"),
+        ({"discovery_url": "https://idp.test/meta"}, "discovery_url needs discovery: true"),
     ],
 )
 def test_unsafe_provider_configs_are_rejected(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         jwt_config(provider(**{"jwks_url": "http://127.0.0.1:1/jwks", **changes}))
+
+
+@pytest.mark.parametrize(
+    ("issuer", "discovery_url", "expected"),
+    [
+        ("https://idp.test", None, "https://idp.test/.well-known/openid-configuration"),
+        ("https://idp.test/realms/a/", None, "https://idp.test/realms/a/.well-known/openid-configuration"),
+        ("http://127.0.0.1:8080", None, "http://127.0.0.1:8080/.well-known/openid-configuration"),
+        ("http://[::1]:8080", None, "http://[::1]:8080/.well-known/openid-configuration"),
+        ("http://localhost", None, "http://localhost/.well-known/openid-configuration"),
+        ("https://idp.test", "https://meta.test/x", "https://meta.test/x"),
+    ],
+)
+def test_discovery_configs_that_are_accepted(issuer: str, discovery_url: str | None, expected: str) -> None:
+    config = jwt_config(provider(issuers=[issuer], discovery=True, discovery_url=discovery_url))
+    assert config.providers[0].discovery_document_url == expected
 
 
 def test_an_issuer_owned_by_two_providers_is_rejected() -> None:
@@ -177,10 +203,15 @@ async def test_a_jwks_file(steps: Steps, tmp_path: Path) -> None:
     assert (await check(step, headers=bearer(token()))).allowed
 
 
-async def test_a_jwks_file_that_cannot_be_read_rejects_the_config(steps: Steps, tmp_path: Path) -> None:
-    step = await steps(provider(jwks_file=str(tmp_path / "missing.json")), start=False)
-    with pytest.raises(ValueError, match="cannot load jwks_file"):
-        await step.start()
+async def test_a_jwks_file_that_cannot_be_read_rejects_the_config_when_built(
+    steps: Steps, tmp_path: Path
+) -> None:
+    # at build, not start: `extsvc validate` builds every step without starting it
+    with pytest.raises(ValueError, match=r"cannot load jwks_file .*missing\.json: No such file"):
+        await steps(provider(jwks_file=str(tmp_path / "missing.json")), start=False)
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        await steps(provider(jwks_file=str(tmp_path / "list.json")), start=False)
 
 
 async def test_hs256_with_an_explicit_secret(steps: Steps, tmp_path: Path) -> None:
@@ -415,7 +446,8 @@ async def test_keys_survive_an_outage_and_a_reload_during_it(
     # a config reload builds a new step while the IdP is still down: it starts with the last good set
     reloaded = await steps(provider(jwks_url=idp.jwks_url))
     assert (await check(reloaded, headers=bearer(token()))).allowed
-    assert "serving the 1 key(s) it last returned" in caplog.text
+    assert not await reloaded.key_set("idp").refresh()
+    assert "serving the 1 key(s) it last returned before the reload" in caplog.text
 
 
 async def test_a_jwks_with_no_usable_key_keeps_the_last_good_set(
@@ -437,3 +469,101 @@ async def test_a_jwk_pinned_to_another_algorithm_is_not_used(steps: Steps) -> No
     step = await steps(provider(algorithms=["RS256", "PS256"], keys=[public_jwk(rsa_key(), "k1", "PS256")]))
     assert (await check(step, headers=bearer(token(alg="PS256")))).allowed
     assert not (await check(step, headers=bearer(token(alg="RS256")))).allowed
+
+
+# -- keys not loaded yet: start-up never waits long, tokens are step errors ----------------------
+
+
+async def test_start_waits_at_most_startup_wait_s_and_tokens_are_errors_until_keys_arrive(
+    steps: Steps, idp: IdpServer, clock: FakeClock
+) -> None:
+    idp.state.delay_s = 1.0
+    began = time.monotonic()
+    step = await steps(
+        provider(jwks_url=idp.jwks_url),
+        provider(name="inline", issuers=["https://other.test"], keys=[public_jwk(rsa_key("o"), "o1")]),
+        startup_wait_s=0.2,
+    )
+    assert time.monotonic() - began < 0.8
+    not_yet = r"provider idp: no keys loaded yet \(the first fetch has not finished\)"
+    with pytest.raises(KeysUnavailable, match=not_yet):
+        await check(step, headers=bearer(token()))
+    # the other provider is not held up
+    other = token(rsa_key("o"), kid="o1", iss="https://other.test")
+    assert (await check(step, headers=bearer(other))).allowed
+    assert await step.key_set("idp").refresh()  # joins the fetch start() began
+    assert (await check(step, headers=bearer(token()))).allowed
+    assert idp.state.jwks_requests == 1
+
+
+async def test_a_provider_whose_idp_is_down_answers_errors_and_retries_in_the_background(
+    steps: Steps, idp: IdpServer, metrics: Metrics
+) -> None:
+    url = idp.jwks_url
+    idp.stop()
+    began = time.monotonic()
+    step = await steps(provider(jwks_url=url, jwks_min_refetch_interval_s=60))
+    assert time.monotonic() - began < 1.5
+    with pytest.raises(KeysUnavailable, match="connect error"):
+        await check(step, headers=bearer(token()))
+    keys = step.key_set("idp")
+    assert keys.fetches == 1  # within the refetch interval a request does not fetch
+    # the background loader retries (after about a second) without any request
+    deadline = time.monotonic() + 3
+    while keys.fetches < 2:
+        assert time.monotonic() < deadline, "no retry"
+        await asyncio.sleep(0.05)
+    assert counter_value(metrics, "jwt", "remote_fetch_failures") >= 2
+
+
+async def test_aclose_cancels_the_background_fetches(steps: Steps, idp: IdpServer) -> None:
+    idp.state.delay_s = 3.0
+    step = await steps(provider(jwks_url=idp.jwks_url), startup_wait_s=0)
+    began = time.monotonic()
+    await step.aclose()
+    assert time.monotonic() - began < 0.5
+
+
+async def test_a_jwks_larger_than_jwks_max_bytes_is_refused(
+    steps: Steps, idp: IdpServer, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp.state.jwks = jwks(*(public_jwk(rsa_key(), f"k{i}") for i in range(1, 40)))  # ~17 KiB
+    step = await steps(provider(jwks_url=idp.jwks_url, jwks_max_bytes=4096))
+    with pytest.raises(KeysUnavailable, match="larger than the 4096-byte cap"):
+        await check(step, headers=bearer(token()))
+    assert "raise jwks_max_bytes" in caplog.text
+    assert counter_value(metrics, "jwt", "remote_too_large") == 1
+    roomy = await steps(provider(jwks_url=idp.jwks_url, jwks_max_bytes=64 * 1024))
+    assert (await check(roomy, headers=bearer(token()))).allowed
+
+
+# -- OpenID Connect discovery --------------------------------------------------------------------
+
+
+async def test_discovery_is_redone_when_the_jwks_fetch_fails(
+    steps: Steps, idp: IdpServer, clock: FakeClock
+) -> None:
+    idp.serve_discovery()
+    step = await steps(provider(issuers=[idp.issuer], discovery=True, jwks_min_refetch_interval_s=0))
+    assert (await check(step, headers=bearer(token(iss=idp.issuer)))).allowed
+    assert (idp.state.discovery_requests, idp.state.jwks_requests) == (1, 1)
+    keys = step.key_set("idp")
+    assert await keys.refresh()  # the JWKS again, from the jwks_uri already discovered
+    assert (idp.state.discovery_requests, idp.state.jwks_requests) == (1, 2)
+    idp.state.jwks_status = 500
+    assert not await keys.refresh()  # failed: jwks_uri may have moved
+    idp.state.jwks_status = 200
+    assert await keys.refresh()
+    assert (idp.state.discovery_requests, idp.state.jwks_requests) == (2, 4)
+    assert (await check(step, headers=bearer(token(iss=idp.issuer)))).allowed  # keys kept throughout
+
+
+async def test_a_discovery_document_for_another_issuer_loads_no_keys(
+    steps: Steps, idp: IdpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp.state.discovery = {"issuer": "https://evil.test", "jwks_uri": idp.jwks_url}
+    step = await steps(provider(issuers=[idp.issuer], discovery=True))
+    with pytest.raises(KeysUnavailable, match=r"names issuer 'https://evil\.test'"):
+        await check(step, headers=bearer(token(iss=idp.issuer)))
+    assert idp.state.jwks_requests == 0
+    assert any(r.levelname == "ERROR" and "names issuer" in r.getMessage() for r in caplog.records)

@@ -43,11 +43,11 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 2, name: two}
 """
 
+
 @pytest.fixture(autouse=True)
 def _room_in_the_hour() -> None:
     """These tests count hour windows on the real clock: never across an hour's end."""
     wait_for_window_room(3600)
-
 
 
 class CountingConfig(BaseModel):

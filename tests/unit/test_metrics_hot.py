@@ -129,3 +129,34 @@ def test_a_hot_gauge_goes_up_and_down_and_reads_right_at_any_collection() -> Non
     assert read() == 1
     active.dec()
     assert read() == 0
+
+
+async def test_a_scrape_renders_off_the_loop_and_flushes_only_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """exposition_async: the hot children (loop-thread only) are flushed on the loop; the
+    render thread collects without touching them, so no increment is lost to a race."""
+    import threading
+
+    metrics = Metrics()
+    hot = metrics.hot(metrics.rl_responses.labels("ok"))
+    hot.inc(3)
+    flushed_in: list[int] = []
+    rendered_in: list[int] = []
+    flush, render = Metrics.flush, Metrics._render_off_loop
+
+    def spy_flush(self: Metrics) -> None:
+        flushed_in.append(threading.get_ident())
+        flush(self)
+
+    def spy_render(self: Metrics) -> bytes:
+        rendered_in.append(threading.get_ident())
+        return render(self)
+
+    monkeypatch.setattr(Metrics, "flush", spy_flush)
+    monkeypatch.setattr(Metrics, "_render_off_loop", spy_render)
+    text = await metrics.exposition_async()
+    assert b'extsvc_ratelimit_responses_total{code="ok"} 3.0' in text
+    assert set(flushed_in) == {threading.get_ident()}
+    assert rendered_in and rendered_in[0] != threading.get_ident()
+    assert metrics.exposition() == text  # the same text as rendered on the loop

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from extsvc import Decision
+from extsvc import Decision, RemoteTimeout, RemoteTooLarge
 from extsvc.observability.metrics import Metrics
 from extsvc.testing import check_context
 from extsvc_plugins.oauth2_introspection import Introspection, IntrospectionConfig
@@ -153,6 +153,36 @@ async def test_missing_and_oversized_tokens_never_reach_the_endpoint(steps: Step
     assert (await check(step, headers=bearer("x" * 65))).status == 401
     assert idp.state.introspections == []
     assert await steps(on_missing="abstain").check(check_context("/")) is None
+
+
+async def test_an_answer_longer_than_max_response_bytes_is_an_error(
+    steps: Steps, idp: IdpServer, metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    idp.state.tokens["big"] = {"active": True, "sub": "alice", "groups": ["g" * 100] * 50}  # ~5 KiB
+    step = steps(max_response_bytes=1024)
+    with pytest.raises(RemoteTooLarge, match="larger than the 1024-byte cap"):
+        await check(step, headers=bearer("big"))
+    assert "raise max_response_bytes" in caplog.text
+    assert counter_value(metrics, "oauth2-introspection", "remote_too_large") == 1
+    assert not step._inflight  # nothing left running
+    assert (await check(steps(), headers=bearer("big"))).allowed  # the default cap: 256 KiB
+
+
+async def test_timeout_s_bounds_the_whole_call(steps: Steps, idp: IdpServer, metrics: Metrics) -> None:
+    idp.state.delay_s = 2.0
+    started = time.monotonic()
+    with pytest.raises(RemoteTimeout):
+        await check(steps(timeout_s=0.3), headers=bearer("good"))
+    assert time.monotonic() - started < 1.0
+    assert counter_value(metrics, "oauth2-introspection", "remote_timeouts") == 1
+
+
+def test_limits_are_validated() -> None:
+    base = {"endpoint": "https://idp.test/introspect", "client_id": "c", "client_secret_file": "s"}
+    assert IntrospectionConfig.model_validate(base).max_response_bytes == 256 * 1024
+    for bad in ({"max_response_bytes": 10}, {"timeout_s": 0}, {"timeout_s": 120}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            IntrospectionConfig.model_validate({**base, **bad})
 
 
 async def test_the_credential_can_be_removed(steps: Steps) -> None:

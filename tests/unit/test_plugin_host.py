@@ -217,6 +217,27 @@ def test_two_plugins_with_the_same_name_fail() -> None:
     assert "already registered" in str(info.value)
 
 
+def test_an_installed_plugin_passed_in_extra_plugins_is_registered_once() -> None:
+    # A plugin's own tests, run with its package installed, pass the module they import: the
+    # entry point loads that same module object, which must not count as a duplicate.
+    import acme_extsvc.plugin
+
+    host = PluginHost.create(extra_plugins=[("mine", acme_extsvc.plugin)])
+    assert host.kind_owner("tenant-header") == "mine"
+    by_name = {p.name: p for p in host.plugins}
+    assert "acme" not in by_name
+    assert (by_name["mine"].source, by_name["mine"].kinds) == ("embedded", ("tenant-header",))
+    # Under the entry point's own name too.
+    same_name = PluginHost.create(extra_plugins=[("acme", acme_extsvc.plugin)])
+    assert same_name.kind_owner("tenant-header") == "acme"
+
+
+def test_another_object_with_an_installed_kind_is_still_a_duplicate() -> None:
+    with pytest.raises(PluginError) as info:
+        PluginHost.create(extra_plugins=[("mine", Provides("tenant-header"))])
+    assert "already provided by plugin 'acme'" in str(info.value)
+
+
 class AsyncRegister:
     @hookimpl
     async def extsvc_register_authorizers(self) -> list[AuthorizerType[Any]]:
