@@ -38,7 +38,7 @@ from extsvc.remote import (
     fetch_bytes,
     fetch_json,
 )
-from extsvc.types import HeaderName, HeaderValue, Regex
+from extsvc.types import HeaderName, HeaderValue, Re2Pattern, Re2Regex, Regex
 
 __version__ = "0.1.0"
 
@@ -67,6 +67,8 @@ __all__ = [
     "PluginMetrics",
     "Processor",
     "ProcessorType",
+    "Re2Pattern",
+    "Re2Regex",
     "Regex",
     "RemoteFetchError",
     "RemoteFetchMetrics",

@@ -163,6 +163,7 @@ class ExtsvcServer:
             RateLimitService(
                 self.ratelimit, self.metrics,
                 deadline_margin_s=s.deadline_margin_ms / 1000,
+                deadline_margin_ratio=s.deadline_margin_ratio,
                 default_timeout_s=s.default_timeout_ms / 1000,
             ),
             services,

@@ -14,9 +14,9 @@ from typing import Any, cast
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from extsvc import safeyaml
 from extsvc.authz.model import Decision
 from extsvc.authz.pipeline import CompiledPolicy, CompiledStep
-from extsvc.config import safeyaml
 from extsvc.config.model import AuthzPolicy, ExtprocPolicy, ExtsvcConfig, Reply
 from extsvc.config.runtime import Runtime
 from extsvc.errors import ConfigError

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from extsvc import safeyaml
 from extsvc.ratelimit.algorithms import Algorithm
 
 # RateLimitResponse.RateLimit.Unit numbers (rls.proto) and their window lengths in seconds.
@@ -313,7 +314,7 @@ class DomainFileError(Exception):
 def parse_domain(text: str, source: str) -> Domain:
     """One domain file -> :class:`Domain`; :class:`DomainFileError` naming file and field."""
     try:
-        data = yaml.safe_load(text)
+        data = safeyaml.load(text)  # aliases and nesting bounded, as for the policy file
     except yaml.YAMLError as exc:
         raise DomainFileError(source, [f"not valid YAML: {exc}"]) from exc
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf.message import DecodeError
 
+from extsvc.deadline import AnswerMargin
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 from extsvc.ratelimit.convert import encode_response, parse_request
@@ -32,11 +33,13 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         manager: RateLimitManager,
         metrics: Metrics,
         *,
-        deadline_margin_s: float = 0.005,
+        deadline_margin_s: float = 0.02,
+        deadline_margin_ratio: float = 0.1,
         default_timeout_s: float = 1.0,
     ) -> None:
         self._manager = manager
-        self._margin = deadline_margin_s
+        #: what is kept back from the RPC's deadline to send the answer (see AnswerMargin)
+        self._margin = AnswerMargin(deadline_margin_s, deadline_margin_ratio)
         self._default_timeout = default_timeout_s
         self._ok = metrics.hot(metrics.rl_responses.labels("ok"))
         self._over = metrics.hot(metrics.rl_responses.labels("over_limit"))
@@ -52,36 +55,39 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         """ShouldRateLimit from request bytes to response bytes (see convert.py's wire form)."""
         limiter = self._manager.limiter
         if limiter is None:
-            self._error.inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no ratelimit config loaded")
-            return b""  # abort raises; for the type checker
+            return self._fail(context, grpc.StatusCode.UNAVAILABLE, "no ratelimit config loaded")
         try:
             request = parse_request(raw)
         except DecodeError as exc:
-            self._error.inc()
             held = self._throttle.allow("unreadable")
             if held is not None:
                 log.warning("unreadable RateLimitRequest answered INVALID_ARGUMENT: %s "
                             "(%d more since the last report)", exc, held)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unreadable RateLimitRequest")
-            return b""
+            return self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, "unreadable RateLimitRequest")
         if not request.domain or not request.descriptors:
-            self._error.inc()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            return self._fail(
+                context, grpc.StatusCode.INVALID_ARGUMENT,
                 "rate limit domain must not be empty" if not request.domain
                 else "rate limit descriptor list must not be empty",
             )
-            return b""
         budget = None
         if limiter.remote:  # only a store that waits needs the RPC's budget
             remaining = context.time_remaining()
-            budget = self._default_timeout if remaining is None else max(remaining - self._margin, 0.0)
+            budget = self._default_timeout if remaining is None else self._margin.budget(remaining)
         answer = await limiter.should_rate_limit(
             request.domain, request.descriptors, request.hits_addend, budget
         )
         (self._over if answer.over else self._ok).inc()
         return encode_response(answer)
+
+    def _fail(self, context: Any, code: grpc.StatusCode, details: str) -> bytes:
+        """End the RPC with ``code``: set on the context and returned from, not raised with
+        ``context.abort()``, whose exception keeps the call and its messages alive through its
+        traceback until a full garbage collection."""
+        self._error.inc()
+        context.set_code(code)
+        context.set_details(details)
+        return b""
 
 
 def add_to_server(service: RateLimitService, server: Any) -> None:

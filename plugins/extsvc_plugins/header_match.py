@@ -34,9 +34,10 @@ from extsvc import (
     HeaderName,
     HeaderValue,
     PluginContext,
+    Re2Pattern,
+    Re2Regex,
     hookimpl,
 )
-from extsvc.types import Re2Pattern, Re2Regex
 
 
 class _Model(BaseModel):

@@ -247,7 +247,9 @@ class JwtConfig(_Model):
     max_token_bytes: int = Field(8192, ge=256, le=65536)
     on_missing: Literal["deny", "abstain"] = "deny"
     startup_wait_s: float = Field(
-        1.0, ge=0, le=10,
+        1.0, ge=0, le=5,
+        # at most half the server's default plugin_start_timeout_s (10 s): a slow IdP must not
+        # be what makes a config load time out
         description="how long start() waits for the first fetch of key sets not yet loaded",
     )
 

@@ -121,6 +121,12 @@ class Introspection:
             401, headers={"www-authenticate": self._challenge}, reason="oauth2-introspection: no token"
         )
 
+    async def start(self) -> None:
+        # The client (and the CA bundle it loads, ~40 ms the first time) is built here, off the
+        # event loop, so the first request does not stall every other one while it is made.
+        if self._client is None:
+            self._client = httpx.AsyncClient(verify=await asyncio.to_thread(tls_context))
+
     async def aclose(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()

@@ -175,3 +175,10 @@ async def test_limit_store_example_in_docs_serves_the_docs_domains() -> None:
         "ratelimit.store.config.max_keys: Input should be a valid integer"
     )
     await manager.aclose()
+
+
+def test_every_setting_is_in_the_operator_guide() -> None:
+    from extsvc.settings import ENV_PREFIX, Settings
+
+    guide = (ROOT / "docs" / "operators.md").read_text(encoding="utf-8")
+    assert [n for n in Settings.model_fields if f"`{ENV_PREFIX}{n.upper()}`" not in guide] == []

@@ -456,3 +456,45 @@ def test_out_of_descriptors_is_logged_once_and_probes_recover(tmp_path: Path) ->
     assert stderr.count("accept() failed") == 1, stderr
     assert "Too many open files" in stderr
     assert "Traceback" not in stderr, stderr
+
+
+# -- refused rate-limit calls keep nothing ---------------------------------------------------------
+
+
+async def test_refused_rate_limit_calls_are_freed_without_the_cyclic_gc(tmp_path: Path) -> None:
+    """500 unreadable 64 KiB requests, answered INVALID_ARGUMENT: with the cyclic GC off, their
+    bytes must be freed by reference counting (an abort() exception's traceback held each one)."""
+    import gc
+    import tracemalloc
+
+    import grpc
+
+    from extsvc.testing import running_server
+
+    garbage = b"\xff" * 65536  # not a RateLimitRequest
+    (tmp_path / "d.yaml").write_text("domain: d\ndescriptors: [{key: k}]\n")
+    config = tmp_path / "extsvc.yaml"
+    config.write_text("version: 1\nratelimit: {files: [d.yaml], store: {type: memory}}\n")
+    gc.collect()
+    gc.disable()
+    try:
+        async with running_server(config) as server, \
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            call = channel.unary_unary("/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call(garbage, timeout=5)  # warm-up
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            codes = []
+            for _ in range(500):
+                try:
+                    await call(garbage, timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            await asyncio.sleep(0.2)
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 500
+        assert grown < 4 * 1024 * 1024, f"{grown / 1e6:.1f} MB kept after 500 refused calls"
+    finally:
+        gc.enable()

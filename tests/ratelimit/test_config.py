@@ -115,3 +115,11 @@ def test_the_docs_config_section_parses() -> None:
     assert block is not None
     config = parse(block.group(1))
     assert config.ratelimit is not None and config.ratelimit.config_dir == Path("ratelimit/")
+
+
+def test_a_domain_file_alias_bomb_is_refused() -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "domain: d\n" + "\n".join(levels) + "\ndescriptors: [{key: k, value: *a8}]\n"
+    with pytest.raises(DomainFileError, match=r"bomb\.yaml: not valid YAML: .*alias"):
+        parse_domain(text, "bomb.yaml")

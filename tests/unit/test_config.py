@@ -230,7 +230,7 @@ def test_a_yaml_error_points_at_the_line_with_a_caret() -> None:
 
 
 def test_aliases_may_add_values_up_to_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    from extsvc.config import safeyaml
+    from extsvc import safeyaml
 
     monkeypatch.setattr(safeyaml, "MAX_ALIAS_NODES", 60)
     # `&s` is a list of one mapping of 2 pairs: 6 values; each further use adds them again

@@ -248,3 +248,13 @@ async def test_a_slow_endpoint_is_cut_off_at_the_rpc_deadline(idp: IdpServer, se
     assert time.monotonic() - started < 1.0
     assert (outcome.label, outcome.envoy_error) == ("error", True)
     await runtime.close()
+
+
+async def test_the_http_client_is_built_at_start_not_by_the_first_request(steps: Steps) -> None:
+    step = steps()
+    assert step._client is None
+    await step.start()
+    client = step._client
+    assert client is not None  # the first request finds it ready: no CA bundle load on the loop
+    await check(step, headers=bearer("anything"))
+    assert step._client is client
