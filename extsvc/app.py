@@ -139,6 +139,10 @@ class ExtsvcServer:
             # Per-connection stream cap (SETTINGS_MAX_CONCURRENT_STREAMS); Envoy opens more
             # connections when it needs more. The global caps are in the services.
             ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+            # Connections that never speak HTTP/2, or stop making calls, hold a descriptor each:
+            # bounded in time so idle ones cannot use up the process's file descriptors.
+            ("grpc.server_handshake_timeout_ms", int(s.grpc_handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(s.grpc_max_connection_idle_s * 1000)),
         ]
         server = grpc.aio.server(options=options)
         services = _GenericHandlersOnly(server)

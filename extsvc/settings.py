@@ -88,6 +88,14 @@ class Settings(BaseModel):
     max_streams_per_connection: int = Field(
         1024, ge=1, description="concurrent RPCs on one HTTP/2 connection (grpc.max_concurrent_streams)"
     )
+    grpc_handshake_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="a gRPC connection that has not finished its HTTP/2 (and "
+        "TLS) handshake by then is closed"
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0, gt=0, description="a gRPC connection with no RPC for this long is closed (GOAWAY; "
+        "Envoy reconnects when it needs to)"
+    )
     default_timeout_ms: float = Field(
         1000.0, gt=0, description="step deadline when Envoy sends none"
     )

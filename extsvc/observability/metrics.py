@@ -26,6 +26,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -151,6 +152,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_open_fds / process_max_fds, process_resident_memory_bytes, CPU (Linux /proc)
+        ProcessCollector(registry=r)
         self._hot: dict[int, tuple[Any, HotCounter | HotGauge | HotHistogram]] = {}
         #: rate-limit domain -> the request-derived ``limit`` label values admitted (see rl_label)
         self._rl_values: dict[str, set[str]] = {}
