@@ -21,11 +21,11 @@ import resource
 import time
 from pathlib import Path
 
-from extsvc.config.compile import _load_yaml, gc_paused, parse_and_check
-from extsvc.config.provider import ConfigLoader
-from extsvc.config.runtime import RuntimeHolder
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import _load_yaml, gc_paused, parse_and_check
+from extsvc.reload.provider import ConfigLoader
+from extsvc.reload.runtime import RuntimeHolder
 
 POLICY = """\
   tenant-{i}:

@@ -26,13 +26,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from extsvc.authz.service import SERVICE_NAME as AUTHZ_SERVICE
 from extsvc.authz.service import AuthorizationService
-from extsvc.config.provider import (
-    ConfigLoader,
-    FileWatcher,
-    embedded_default_config,
-    embedded_default_dir,
-)
-from extsvc.config.runtime import Runtime, RuntimeHolder
 from extsvc.eventloop import running_loop_name
 from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
@@ -45,6 +38,13 @@ from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
 from extsvc.ratelimit.service import RateLimitService
 from extsvc.ratelimit.service import add_to_server as add_ratelimit_to_server
+from extsvc.reload.provider import (
+    ConfigLoader,
+    FileWatcher,
+    embedded_default_config,
+    embedded_default_dir,
+)
+from extsvc.reload.runtime import Runtime, RuntimeHolder
 from extsvc.settings import Settings
 from extsvc.supervisor import WORKER_ENV
 

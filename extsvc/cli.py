@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return demo_module.run(args)
         if args.command == "default-config":
-            from extsvc.config.provider import embedded_default_config
+            from extsvc.reload.provider import embedded_default_config
 
             sys.stdout.write(embedded_default_config())
             return 0
@@ -175,9 +175,9 @@ def _without_workers(raw: list[str]) -> list[str]:
 
 
 async def _validate(path: Path, verbose: bool = False) -> int:
-    from extsvc.config.compile import validate_file
-    from extsvc.config.provider import summarize_names
     from extsvc.plugin.host import PluginHost
+    from extsvc.reload.compile import validate_file
+    from extsvc.reload.provider import summarize_names
 
     settings = Settings.load()
     host = PluginHost.create(allow=settings.plugins_allow, block=settings.plugins_block)

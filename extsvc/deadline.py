@@ -114,7 +114,7 @@ class AnswerMargin:
     many expire together when a dependency hangs), so the margin grows with the deadline:
     ``max(floor_s, ratio * remaining)``, plus the lateness recently seen (see :meth:`observe`),
     but never more than ``max_share`` of the remaining time, so a short deadline still leaves the
-    steps most of it. With the defaults: 200 ms -> 20 ms kept back, 1 s -> 100 ms, 30 ms -> 15 ms.
+    steps most of it. With the defaults: 200 ms -> 30 ms kept back, 1 s -> 100 ms, 40 ms -> 20 ms.
     """
 
     __slots__ = ("_clock", "_lag_at", "floor_s", "lag_s", "max_share", "ratio")
@@ -124,7 +124,7 @@ class AnswerMargin:
 
     def __init__(
         self,
-        floor_s: float = 0.02,
+        floor_s: float = 0.03,
         ratio: float = 0.1,
         max_share: float = 0.5,
         clock: Callable[[], float] = time.monotonic,

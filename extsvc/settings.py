@@ -71,7 +71,7 @@ class Settings(BaseModel):
     # so max(deadline_margin_ms, deadline_margin_ratio x the time left) is kept back from the
     # steps (plus the lateness recently seen), but never more than half of the time left.
     deadline_margin_ms: float = Field(
-        20.0, ge=0, le=10_000,
+        30.0, ge=0, le=10_000,
         description="least time kept back from the RPC deadline to send the answer",
     )
     deadline_margin_ratio: float = Field(

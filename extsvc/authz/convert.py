@@ -230,10 +230,13 @@ class EnvoyCheckContext(CheckContext):
     def policy(self) -> str:
         return self._policy
 
+    def bind(self, policy: str) -> None:
+        """Record the name of the policy chosen for this request (read back as ``policy``).
 
-def bind_policy(request: CheckContext, name: str) -> None:
-    """Record the chosen policy's name on a request view built by :func:`to_check_context`."""
-    request._policy = name
+        The policy is chosen from ``context_extensions`` of this very view, so it is only known
+        after the view is built.
+        """
+        self._policy = policy
 
 
 def _headers(http: Any) -> Mapping[str, str]:
@@ -351,19 +354,58 @@ def python_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+class AnswerCache:
+    """The CheckResponses built for recent decisions, keyed by the decision's identity.
+
+    Steps hand back the same :class:`Decision` objects over and over (a fixed denial, a cached
+    token's allow, a policy's default reply, the memoized merge of two of them), so their
+    answer is encoded once and then reused. Decisions stay plain value objects: the memo lives
+    here, beside the only code that builds protobuf.
+
+    Each entry holds its decision, so the id it is filed under cannot be reused while it is
+    kept. Bounded: past ``max_entries`` the oldest entry goes (a decision built per request
+    passes through and is forgotten). An ``error_response`` (``on_error: envoy``) is filed apart
+    from the same decision's denial.
+    """
+
+    __slots__ = ("_entries", "_max")
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._max = max_entries
+        self._entries: dict[Any, tuple[Decision, Any]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def response(self, decision: Decision, envoy_error: bool = False) -> Any:
+        """The CheckResponse of ``decision``: remembered, or built now and remembered."""
+        key: Any = (id(decision), True) if envoy_error else id(decision)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is decision:
+            return entry[1]
+        response = _build_response(decision, envoy_error=envoy_error)
+        entries = self._entries
+        if len(entries) >= self._max:
+            del entries[next(iter(entries))]
+        entries[key] = (decision, response)
+        return response
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+#: the converter's memo of answers (one event loop per process: no lock needed)
+ANSWERS = AnswerCache()
+
+
 def to_check_response(decision: Decision, *, envoy_error: bool = False) -> Any:
     """A :class:`Decision` as the CheckResponse Envoy acts on (docs/internals/envoy-behaviour.md §2.2).
 
-    The response is remembered on the (immutable) decision, so constant decisions -- a step's
-    fixed denial, a cached token's allow -- are encoded once, not per request.
+    Answers are remembered in :data:`ANSWERS` by the decision's identity, so constant decisions
+    -- a step's fixed denial, a cached token's allow -- are encoded once, not per request. The
+    returned message is shared: do not modify it.
     """
-    if envoy_error:
-        return _build_response(decision, envoy_error=True)
-    response = decision._wire
-    if response is None:
-        response = _build_response(decision, envoy_error=False)
-        object.__setattr__(decision, "_wire", response)
-    return response
+    return ANSWERS.response(decision, envoy_error)
 
 
 def _build_response(decision: Decision, *, envoy_error: bool) -> Any:

@@ -255,11 +255,6 @@ class Decision:
     query_remove: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=_empty)
     reason: str = ""
-    #: the CheckResponse built for this decision, kept so a constant decision is encoded once
-    _wire: Any = field(default=None, init=False, repr=False, compare=False)
-    #: (a policy's identity headers, this decision with the others removed): see
-    #: CompiledPolicy._scrub_identity; a cached decision is scrubbed once, not per request
-    _scrubbed: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def allow(

@@ -78,6 +78,16 @@ class CompiledPolicy:
         #: a dependency that hangs fails every request at once, and a burst of warnings then
         #: delays the very answers that must beat the deadline
         self._throttle = LogThrottle()
+        #: decisions derived from the steps' (mostly reused) decisions, by the identity of what
+        #: they came from: see :class:`_Memo`
+        self._merged = _Memo()
+        self._scrubbed = _Memo()
+        #: the on_error answers, built once: at compile time for the reasons known then, on
+        #: first use for a step's failure (a dependency that hangs fails every request alike)
+        self._errors: dict[tuple[str, str], Outcome] = {}
+        self._default_outcome = Outcome(default_decision, "deny")
+        for reason in ("internal error", "overloaded"):
+            self._errors["", reason] = self._error_outcome(reason, "")
 
     async def evaluate(self, request: CheckContext, deadline: float) -> Outcome:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
@@ -128,7 +138,7 @@ class CompiledPolicy:
                     if not decision.allowed:
                         outcome = Outcome(decision, "deny", step.label)
                         break
-                    merged = decision if merged is None else merged.merge(decision)
+                    merged = decision if merged is None else self._merge(merged, decision)
                 elif decision.allowed:  # ANY_ALLOW
                     outcome = Outcome(decision, "allow", step.label)
                     break
@@ -138,7 +148,7 @@ class CompiledPolicy:
                 if merged is not None:
                     outcome = Outcome(merged, "allow", self.steps[-1].label)
                 else:
-                    outcome = first_denial or Outcome(self.default_decision, "deny")
+                    outcome = first_denial or self._default_outcome
         except StepFailed as failure:
             outcome = self._on_failure(request, failure)
         except asyncio.CancelledError:
@@ -176,10 +186,8 @@ class CompiledPolicy:
         ``headers`` and ``headers_to_remove`` does not matter.
         """
         decision = outcome.decision
-        cached = decision._scrubbed
-        if cached is not None and cached[0] is self.identity_headers:
-            scrubbed = cached[1]
-        else:
+        scrubbed = self._scrubbed.get(decision)
+        if scrubbed is None:
             own = {name for name, _ in decision.upstream_set}
             stale = tuple(
                 h for h in self.identity_headers if h not in own and h not in decision.upstream_remove
@@ -188,18 +196,33 @@ class CompiledPolicy:
                 replace(decision, upstream_remove=decision.upstream_remove + stale) if stale
                 else decision
             )
-            object.__setattr__(decision, "_scrubbed", (self.identity_headers, scrubbed))
+            self._scrubbed.put(decision, scrubbed)
         if scrubbed is decision:
             return outcome
         return Outcome(scrubbed, outcome.label, outcome.step, outcome.envoy_error)
 
+    def _merge(self, earlier: Decision, later: Decision) -> Decision:
+        """``earlier.merge(later)``, remembered: in ``all-must-allow`` the steps mostly return
+        the same decisions (a cached token's allow, a known key's allow), so their merge -- and
+        then its scrub and its encoding -- is built once, not per request."""
+        merged = self._merged.get(earlier, later)
+        if merged is None:
+            merged = earlier.merge(later)
+            self._merged.put(earlier, merged, later)
+        return merged
+
     def internal_error(self, request: CheckContext, reason: str = "internal error") -> Outcome:
         """The ``on_error`` answer for a failure outside any step (or no step run: overloaded)."""
+        outcome = self._errors.get(("", reason))
+        return outcome if outcome is not None else self._error_outcome(reason, "")
+
+    def _error_outcome(self, reason: str, step: str) -> Outcome:
         if self.on_error is OnError.ALLOW:
+            outcome = Outcome(Decision.allow(reason=reason), "error", step)
             # an allow that no step vouched for carries no identity either
-            return self._scrub_identity(Outcome(Decision.allow(reason=reason), "error"))
+            return self._scrub_identity(outcome) if self.identity_headers else outcome
         return Outcome(
-            self.error_decision.with_reason(reason), "error", "", self.on_error is OnError.ENVOY
+            self.error_decision.with_reason(reason), "error", step, self.on_error is OnError.ENVOY
         )
 
     def _on_failure(self, request: CheckContext, failure: StepFailed) -> Outcome:
@@ -209,14 +232,47 @@ class CompiledPolicy:
                 "policy %s: %s; answering per on_error=%s%s [request_id=%s]",
                 self.name, failure, self.on_error.value, _held_back(held), request.request_id,
             )
-        reason = f"error in step {failure.step.label}: {failure.reason}"
-        if self.on_error is OnError.ALLOW:
-            return Outcome(Decision.allow(reason=reason), "error", failure.step.label)
-        if self.on_error is OnError.ENVOY:
-            return Outcome(
-                self.error_decision.with_reason(reason), "error", failure.step.label, True
+        key = (failure.step.label, failure.reason)
+        outcome = self._errors.get(key)
+        if outcome is None:
+            outcome = self._error_outcome(
+                f"error in step {failure.step.label}: {failure.reason}", failure.step.label
             )
-        return Outcome(self.error_decision.with_reason(reason), "error", failure.step.label)
+            if len(self._errors) < _ERRORS_KEPT:  # reasons name exception types: a few per step
+                self._errors[key] = outcome
+        return outcome
+
+
+#: most on_error answers a policy keeps (step x failure reason)
+_ERRORS_KEPT = 256
+
+
+class _Memo:
+    """Decisions derived from one or two decisions, keyed by their identity (bounded).
+
+    An entry holds the decisions it is keyed by, so their ids cannot be reused while it is
+    kept; past ``max_entries`` the oldest entry goes (a decision built per request passes
+    through and is forgotten). Decisions are plain value objects: memos live here, not on them.
+    """
+
+    __slots__ = ("_entries", "_max")
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._max = max_entries
+        self._entries: dict[Any, tuple[Decision, Decision | None, Decision]] = {}
+
+    def get(self, first: Decision, second: Decision | None = None) -> Decision | None:
+        entry = self._entries.get(id(first) if second is None else (id(first), id(second)))
+        if entry is not None and entry[0] is first and entry[1] is second:
+            return entry[2]
+        return None
+
+    def put(self, first: Decision, result: Decision, second: Decision | None = None) -> None:
+        entries = self._entries
+        if len(entries) >= self._max:
+            del entries[next(iter(entries))]
+        key = id(first) if second is None else (id(first), id(second))
+        entries[key] = (first, second, result)
 
 
 def _held_back(held: int) -> str:

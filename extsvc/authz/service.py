@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
-from extsvc.authz.convert import bind_policy, rejected_outcome, to_check_context, to_check_response
+from extsvc.authz.convert import rejected_outcome, to_check_context, to_check_response
 from extsvc.authz.model import Decision
-from extsvc.config.runtime import RuntimeHolder
 from extsvc.deadline import AnswerMargin
+from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
@@ -24,12 +24,11 @@ from extsvc.observability.metrics import Metrics
 if TYPE_CHECKING:
     from extsvc.authz.model import CheckContext
     from extsvc.authz.pipeline import CompiledPolicy, Outcome
+    from extsvc.reload.runtime import RuntimeHolder
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
-#: gRPC metadata key carrying the authority when grpcio cannot expose ``:authority`` itself.
-AUTHORITY_METADATA_KEY = "x-extsvc-authority"
 
 # Not ready yet: an error_response without a status, so Envoy applies its own status_on_error /
 # failure_mode_allow exactly as if the server were down.
@@ -40,40 +39,13 @@ _BAD_REQUEST = to_check_response(Decision.deny(400, "bad request", grpc_code=3))
 _UNKNOWN_POLICY = to_check_response(Decision.deny(403, grpc_code=7))
 
 
-def call_authority(context: Any) -> str:
-    """The ``:authority`` of the gRPC call (``GatewayExtension.grpcService.authority``).
-
-    grpcio 1.85's asyncio server does not expose ``:authority`` (grpc/grpc#38906); newer releases
-    add an accessor, used when present. Until then the value is read from the ``x-extsvc-authority``
-    metadata that the Envoy config can send with ``grpc_service.initial_metadata``.
-    """
-    kind = type(context)
-    try:
-        name = _AUTHORITY_ACCESSOR[kind]
-    except KeyError:  # once per context class: a missing attribute costs a raised AttributeError
-        name = next((n for n in ("experimental_authority", "authority") if hasattr(kind, n)), None)
-        _AUTHORITY_ACCESSOR[kind] = name
-    if name is not None:
-        value = getattr(context, name)()
-        if value:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTHORITY_METADATA_KEY:
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return ""
-
-
-#: per servicer-context class, the name of its ``:authority`` accessor (None: it has none)
-_AUTHORITY_ACCESSOR: dict[type, str | None] = {}
-
-
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     def __init__(
         self,
         holder: RuntimeHolder,
         metrics: Metrics,
         *,
-        deadline_margin_s: float = 0.02,
+        deadline_margin_s: float = 0.03,
         deadline_margin_ratio: float = 0.1,
         default_timeout_s: float = 1.0,
         limits: RequestLimits | None = None,
@@ -135,7 +107,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             if policy is None:
                 return self._unknown_policy(name, check)
 
-            bind_policy(check, name)
+            check.bind(name)
             try:
                 if self.inflight > self._max_inflight:  # overloaded: no step runs, per on_error
                     outcome = self._shed_outcome(policy, check)
@@ -197,16 +169,3 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 extra={"request_id": check.request_id},
             )
         return _UNKNOWN_POLICY
-
-
-#: the ``policy`` label of requests that name a policy the config does not have
-UNKNOWN_POLICY_LABEL = "(unknown)"
-#: how much of a request-chosen name a log line shows
-LOGGED_NAME_CHARS = 64
-
-
-def printable(name: str) -> str:
-    """``name`` for a log line: quoted, at most :data:`LOGGED_NAME_CHARS` characters of it."""
-    if len(name) <= LOGGED_NAME_CHARS:
-        return repr(name)
-    return f"{name[:LOGGED_NAME_CHARS]!r}... ({len(name)} characters)"

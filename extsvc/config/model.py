@@ -2,7 +2,7 @@
 
 Everything here is validated once, at load time. Plugin ``config`` blocks are kept as plain
 mappings by this model and validated against the plugin's own pydantic model when the policy is
-compiled (:mod:`extsvc.config.compile`), so an unknown plugin or a bad plugin field is reported
+compiled (:mod:`extsvc.reload.compile`), so an unknown plugin or a bad plugin field is reported
 with its full path (``policies.demo.steps[1].config.status``).
 """
 

@@ -13,6 +13,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import wrappers_pb2
 
+from extsvc.extproc.events import BodyEvent, Event, HeadersEvent, TrailersEvent
 from extsvc.extproc.model import (
     OP_APPEND,
     OP_BODY,
@@ -58,10 +59,59 @@ CONTINUE: tuple[Any, ...] = tuple(
 _APPEND_TRUE = wrappers_pb2.BoolValue(value=True)
 
 
-def phase_of(request: Any) -> Phase | None:
-    """The message's phase, ``None`` when its ``request`` oneof is empty (a protocol error)."""
+#: builds an event from its fields in order (``tuple.__new__``): a third of the cost of calling the
+#: named tuple's class, which runs a Python ``__new__`` (an event is made per message)
+_make = tuple.__new__
+
+
+def event_of(request: Any, limits: RequestLimits | None = None) -> Event | None:
+    """The stream's event for one ``ProcessingRequest``; ``None`` when its ``request`` oneof
+    is empty (a protocol error). With ``limits``, header and trailer maps are measured against
+    them (:func:`header_overflow`)."""
     which = request.WhichOneof("request")
-    return PHASE_OF.get(which) if which else None
+    phase = PHASE_OF.get(which) if which else None
+    if phase is None:
+        return None
+    inner = getattr(request, which)
+    metadata = None
+    if request.HasField("metadata_context"):
+        metadata = request.metadata_context.filter_metadata
+        if not len(metadata):
+            metadata = None
+    # protocol_config: on a stream's first message only
+    modes = body_modes(request) if request.HasField("protocol_config") else None
+    observability = request.observability_mode
+    if phase.is_body:
+        # BodyEvent(phase, body, end_of_stream, observability, metadata, modes, overflow)
+        return _make(BodyEvent, (
+            phase, inner.body, inner.end_of_stream, observability, metadata, modes, None
+        ))
+    if phase.is_headers:
+        headers = inner.headers
+        attributes = request.attributes
+        # HeadersEvent(phase, headers, end_of_stream, observability, attributes, metadata,
+        # modes, overflow)
+        return _make(HeadersEvent, (
+            phase,
+            headers,
+            inner.end_of_stream,
+            observability,
+            attributes if len(attributes) else None,
+            metadata,
+            modes,
+            None if limits is None else header_overflow(headers, limits, which),
+        ))
+    trailers = inner.trailers
+    # TrailersEvent(phase, trailers, observability, metadata, modes, overflow, end_of_stream)
+    return _make(TrailersEvent, (
+        phase,
+        trailers,
+        observability,
+        metadata,
+        modes,
+        None if limits is None else header_overflow(trailers, limits, which),
+        True,
+    ))
 
 
 def decode_headers(header_map: Any) -> dict[str, str]:
@@ -132,11 +182,6 @@ def _value(value: Any) -> Any:
     if kind == "null_value" or kind is None:
         return None
     return getattr(value, kind)
-
-
-def metadata_of(request: Any) -> Any:
-    """The forwarded ``metadata_context.filter_metadata`` map of a message."""
-    return request.metadata_context.filter_metadata
 
 
 def body_modes(request: Any) -> tuple[BodyMode, BodyMode, bool] | None:

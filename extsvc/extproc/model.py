@@ -136,6 +136,41 @@ class Exchange:
         return self._response_headers
 
     @property
+    def has_request_headers(self) -> bool:
+        """Whether Envoy sent the request headers (read without decoding them)."""
+        return self._raw_request_headers is not None
+
+    # -- fed by the stream (what Envoy sent), never by processors ----------------------------
+
+    def take_headers(self, request: bool, raw: Any) -> None:
+        """A direction's headers as Envoy sent them (decoded, with the changes, on first read)."""
+        if request:
+            self._raw_request_headers = raw
+            self._request_headers = None
+        else:
+            self._raw_response_headers = raw
+            self._response_headers = None
+
+    def take_metadata(self, raw: Any) -> None:
+        """The latest message's forwarded ``metadata_context`` (decoded on first read)."""
+        self._metadata_raw = raw
+        self._metadata = None
+
+    def record_changes(self, request: bool, ops: Iterable[tuple[Any, ...]]) -> None:
+        """Header changes made without an :class:`HttpMessage` (a policy's fixed answer)."""
+        if request:
+            self._request_ops.extend(ops)
+        else:
+            self._response_ops.extend(ops)
+
+    def forget_headers(self, request: bool) -> None:
+        """Drop a direction's decoded headers: decoded again, changes replayed, when read."""
+        if request:
+            self._request_headers = None
+        else:
+            self._response_headers = None
+
+    @property
     def attributes(self) -> Mapping[str, Any]:
         """Envoy's ``request_attributes`` / ``response_attributes`` (``request.path``, ...).
 
@@ -370,10 +405,8 @@ class HttpMessage:
         # forget the decoded headers: they are decoded again, with the kept changes, when read
         if self.phase.is_trailers:
             self._trailers = None
-        elif self.phase.is_request:
-            self.exchange._request_headers = None
         else:
-            self.exchange._response_headers = None
+            self.exchange.forget_headers(self.phase.is_request)
         self._body = self._original
         for op in kept:
             code = op[0]

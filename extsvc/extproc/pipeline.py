@@ -15,6 +15,7 @@ from extsvc.deadline import Deadline, resume
 from extsvc.extproc import convert
 from extsvc.extproc.model import Exchange, HeaderChanges, HttpMessage, ImmediateReply, Phase
 from extsvc.observability.logging import LogThrottle
+from extsvc.selection import by_authority
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class CompiledExtprocPolicy:
                 "ext_proc policy %s: processor %s (%s) %s in %s; on_error=%s%s [request_id=%s]",
                 self.name, processor.label, processor.kind, why, message.phase.value,
                 self.on_error.value, f" ({held} more since the last report)" if held else "",
-                exchange.request_id if exchange._raw_request_headers else "",
+                exchange.request_id if exchange.has_request_headers else "",
             )
         message.rollback(mark)
         if self.on_error is ExtprocOnError.FAIL:
@@ -224,12 +225,7 @@ class ExtprocPolicies:
         name: str | None = None
         host = authority() if self.authority_matters else ""
         if host:
-            name = config.authority_policies.get(host)
-            if name is None and host in self.policies:
-                name = host
-            if name is None:  # "policy:port" -> "policy"
-                bare = host.rsplit(":", 1)[0]
-                name = config.authority_policies.get(bare) or (bare if bare in self.policies else None)
+            name = by_authority(host, config.authority_policies, self.policies)
         if name is None and config.policy_attribute:
             value = exchange.attributes.get(config.policy_attribute)
             name = str(value) if value else None

@@ -1,6 +1,7 @@
 """The thin gRPC adapter for ``envoy.service.ext_proc.v3.ExternalProcessor``.
 
-Reads each ``ProcessingRequest``, feeds it to the stream's state machine
+Reads each ``ProcessingRequest``, converts it to its event (:func:`convert.event_of`, which
+also measures header maps against the caps), feeds that to the stream's state machine
 (:mod:`extsvc.extproc.stream`) and writes what comes back. Returns when Envoy half-closes
 (docs/internals/envoy-behaviour.md §3.1). Not ready (no config yet) and protocol violations
 end the RPC with a gRPC error, so Envoy's ``failure_mode_allow`` / ``status_on_error`` decide.
@@ -10,19 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from extsvc.authz.service import UNKNOWN_POLICY_LABEL, call_authority, printable
-from extsvc.config.runtime import RuntimeHolder
-from extsvc.extproc.guard import GuardedStream
+from extsvc.extproc.convert import event_of
 from extsvc.extproc.model import HttpMessage
-from extsvc.extproc.stream import ProtocolError
+from extsvc.extproc.stream import ExtprocStream, ProtocolError
+from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
+
+if TYPE_CHECKING:
+    from extsvc.reload.runtime import RuntimeHolder
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,17 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         runtime.enter()
         self.open_streams += 1
         self._active.inc()
-        stream = GuardedStream(
-            runtime.extproc, self._limits, self._rejections, authority=lambda: call_authority(context)
+        limits = self._limits
+        stream = ExtprocStream(
+            runtime.extproc,
+            limits=limits,
+            rejections=self._rejections,
+            authority=lambda: call_authority(context),
         )
         outcome = "ok"
         between = True
         try:
-            read, write, step = context.read, context.write, stream.step
+            read, write, handle = context.read, context.write, stream.handle
             eof = grpc.aio.EOF
             while True:
                 between = True
@@ -87,7 +94,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if request is eof:
                     break
                 between = False
-                answers: Any = step(request)
+                answers: Any = handle(event_of(request, limits))
                 if answers.__class__ is HttpMessage:  # the policy's processors run on it
                     answers = await stream.run(answers)
                 elif stream.unknown_policy and stream.received == 1:

@@ -1,7 +1,11 @@
-"""One ext_proc stream as a state machine: fed ``ProcessingRequest``s, returns the answers.
+"""One ext_proc stream as a state machine: fed events, returns the answers.
 
-No I/O here (the gRPC adapter in :mod:`extsvc.extproc.service` reads and writes); the only thing
-awaited is the policy's processors. Feed it messages in a test and look at what comes back.
+Sans-IO: the gRPC adapter in :mod:`extsvc.extproc.service` reads each ``ProcessingRequest``,
+turns it into a small event (:func:`extsvc.extproc.convert.event_of`, see
+:mod:`extsvc.extproc.events`) and writes what :meth:`ExtprocStream.handle` answers; the state
+machine reads the events' plain fields and never a protobuf (answers are built by ``convert``).
+The only thing awaited is the policy's processors. In a test, :meth:`ExtprocStream.feed` takes a
+``ProcessingRequest`` and converts it the same way.
 
 Protocol rules it keeps (sections of docs/internals/envoy-behaviour.md in brackets):
 
@@ -16,7 +20,9 @@ Protocol rules it keeps (sections of docs/internals/envoy-behaviour.md in bracke
 - the first headers answer carries a ``mode_override`` switching off the phases no processor
   needs, both body modes spelled out [§3.4], never with FULL_DUPLEX_STREAMED or
   ``send_body_without_waiting_for_header_response`` (Envoy ignores it there);
-- BUFFERED bodies whose length changes get ``content-length`` in the same answer [§3.3].
+- BUFFERED bodies whose length changes get ``content-length`` in the same answer [§3.3];
+- with ``limits``, a header or trailer message over the caps is answered with an immediate
+  response (431: the client's, 502: the upstream's) and ends the stream (docs/hardening.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from extsvc.extproc import convert
+from extsvc.extproc.events import BodyEvent, Event, HeadersEvent, TrailersEvent
 from extsvc.extproc.model import (
     OP_REMOVE,
     BodyMode,
@@ -37,6 +44,7 @@ from extsvc.extproc.model import (
 
 if TYPE_CHECKING:
     from extsvc.extproc.pipeline import CompiledExtprocPolicy, ExtprocPolicies
+    from extsvc.limits import Overflow, Rejections, RequestLimits
 
 
 class ProtocolError(Exception):
@@ -58,13 +66,31 @@ class _Direction:
     done = False
     replaced = False
 
+    def advance(self, phase: Phase) -> None:
+        """Take one more message of this direction: check its order, note what it starts.
+
+        (It ends the direction, ``done``, once answered: see ``ExtprocStream._ended``.)
+
+        :raises ProtocolError: headers not first or twice, anything after the direction ended.
+        """
+        if self.done and not self.replaced:
+            raise ProtocolError("order", f"{phase.value} after that direction ended")
+        if phase.is_headers:
+            if self.headers_seen or self.body_started:
+                raise ProtocolError("order", f"{phase.value} after headers or body")
+            self.headers_seen = True
+        elif phase.is_body:
+            self.body_started = True
+
 
 _NOTHING: list[Any] = []
 #: distinct header-only answers remembered per policy and headers phase (more: not remembered)
 ANSWER_MEMO_SIZE = 64
-_PHASE_OF = convert.PHASE_OF
 #: ``[CONTINUE]`` per phase number, shared (callers only iterate answers)
 _CONTINUE_ANSWERS: tuple[list[Any], ...] = tuple([answer] for answer in convert.CONTINUE)
+#: the immediate response's status for a header or trailer message over the caps: the
+#: client's (431) or the upstream's (502), as Envoy answers its own header limits
+_OVER_CAP_STATUS: tuple[int, ...] = tuple(431 if phase.is_request else 502 for phase in Phase)
 
 
 class _StreamExchange(Exchange):
@@ -78,6 +104,11 @@ class ExtprocStream:
     """The state of one ``Process`` stream.
 
     :param policies: the runtime's ext_proc policies (``None``: none configured).
+    :param limits: the caps of header and trailer messages (docs/hardening.md), measured by
+        :func:`convert.event_of`; one over them is answered with an immediate response (431 for
+        the client's, 502 for the upstream's) and ends the stream, whatever the policy's
+        ``on_error``. ``None``: no caps.
+    :param rejections: where refusals over ``limits`` are counted and logged.
     :param authority: returns the gRPC call's ``:authority``; called at most once.
     :param clock: monotonic seconds (tests pass a fake one).
     """
@@ -99,16 +130,23 @@ class ExtprocStream:
     _override_open = True
     #: what finish() needs of the message step() handed out
     _pending: tuple[CompiledExtprocPolicy, _Direction, bool, bool, BodyMode, bool] | None = None
+    limits: RequestLimits | None = None
+    _rejections: Rejections | None = None
 
     def __init__(
         self,
         policies: ExtprocPolicies | None,
         *,
+        limits: RequestLimits | None = None,
+        rejections: Rejections | None = None,
         authority: Callable[[], str] = str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._policies = policies
         self._authority = authority
+        if limits is not None:
+            self.limits = limits
+            self._rejections = rejections
         self.exchange: Exchange = _StreamExchange(clock=clock)
         self._request = _Direction()
         self._response = _Direction()
@@ -124,89 +162,87 @@ class ExtprocStream:
         return out
 
     async def run(self, message: HttpMessage) -> list[Any]:
-        """Run the policy's processors on the message :meth:`step` handed out; its answers."""
+        """Run the policy's processors on the message :meth:`handle` handed out; its answers."""
         assert self._pending is not None
         await self._pending[0].run(message)
         return self.finish(message)
 
     def step(self, request: Any) -> list[Any] | HttpMessage:
-        """:meth:`feed` without awaiting: the answers, or -- when the policy's processors must
-        run -- the :class:`HttpMessage` for :meth:`run`, which runs them and gives the answers.
-        The gRPC adapter calls these two (no coroutine per message when no processor runs).
+        """:meth:`handle` of a ``ProcessingRequest`` (converted to its event here)."""
+        return self.handle(convert.event_of(request, self.limits))
+
+    def handle(self, event: Event | None) -> list[Any] | HttpMessage:
+        """One message's event (:func:`convert.event_of`; ``None``: an empty message): the
+        answers, or -- when the policy's processors must run -- the :class:`HttpMessage` for
+        :meth:`run`, which runs them and gives the answers. The gRPC adapter calls these two
+        (no coroutine per message when no processor runs).
 
         :raises ProtocolError: empty message, or a phase out of order.
         """
-        phase = _PHASE_OF.get(request.WhichOneof("request"))  # an empty oneof gives None
-        if phase is None:
+        if event is None:
             raise ProtocolError("empty", "ProcessingRequest without a request (empty oneof)")
+        phase = event.phase
+        if event.overflow is not None and not self.finished:
+            return self._refuse(event, event.overflow)
         policy = self.policy
         if (policy is not None and not phase.is_headers and not policy.needs[phase.number]
                 and not self.finished):
-            answer = self._pass_through(phase, request)
+            answer = self._pass_through(event)
             if answer is not None:
                 return answer
         self.received += 1
         if self.finished:
             return _NOTHING
         direction = self._request if phase.is_request else self._response
-        self._check_order(phase, direction)
-        inner = getattr(request, phase.field)
+        direction.advance(phase)
         exchange = self.exchange
-        if phase.is_headers:
-            if phase.is_request:
-                exchange._raw_request_headers = inner.headers
-                exchange._request_headers = None
-            else:
-                exchange._raw_response_headers = inner.headers
-                exchange._response_headers = None
-            if len(request.attributes):
-                exchange.add_attributes(request.attributes)
-        if request.HasField("metadata_context"):
-            metadata = convert.metadata_of(request)
-            if len(metadata):
-                exchange._metadata_raw = metadata
-                exchange._metadata = None
+        if isinstance(event, HeadersEvent):
+            exchange.take_headers(phase.is_request, event.headers)
+            if event.attributes is not None:
+                exchange.add_attributes(event.attributes)
+        if event.metadata is not None:
+            exchange.take_metadata(event.metadata)
 
         if not self._started:
-            reply = self._start(request)
+            reply = self._start(event)
             if reply is not None:
                 self.finished = True
                 return self._emit(convert.immediate(reply), reply.status)
 
         policy = self.policy
         assert policy is not None
-        observe_only = request.observability_mode
-        if phase.is_body:
+        observe_only = event.observability
+        end_of_stream = event.end_of_stream
+        body = b""
+        if isinstance(event, BodyEvent):
+            body = event.body
             body_mode = (
                 exchange.request_body_mode if phase.is_request else exchange.response_body_mode
             )
             duplex = body_mode is BodyMode.FULL_DUPLEX_STREAMED
         else:
             body_mode, duplex = BodyMode.NONE, False
-        end_of_stream = phase.is_trailers or bool(getattr(inner, "end_of_stream", False))
-        if direction.replaced:
-            response: Any = _unchanged(phase, inner, duplex)
-        elif not policy.needs[phase.number]:
-            response = _unchanged(phase, inner, duplex)
+        if direction.replaced or not policy.needs[phase.number]:
+            response: Any = _unchanged(phase, body, end_of_stream, duplex)
         elif (fixed := policy.fixed[phase.number]) is not None:
             # Every processor's changes are fixed (headers phases): record them for later
             # readers (the decoded headers were reset above) and send the prebuilt answer.
-            (exchange._request_ops if phase.is_request else exchange._response_ops).extend(fixed.ops)
+            exchange.record_changes(phase.is_request, fixed.ops)
             response = fixed.answer
         else:
             message = HttpMessage(
                 phase,
                 exchange,
-                body=inner.body if phase.is_body else b"",
+                body=body,
                 end_of_stream=end_of_stream,
-                raw_trailers=inner.trailers if phase.is_trailers else None,
+                raw_trailers=event.trailers if isinstance(event, TrailersEvent) else None,
             )
             self._pending = (policy, direction, observe_only, duplex, body_mode, end_of_stream)
             return message
         return self._answered(phase, direction, response, end_of_stream, observe_only)
 
     def finish(self, message: HttpMessage) -> list[Any]:
-        """The answers to a message :meth:`step` handed out, after its processors ran."""
+        """The answers to a message :meth:`handle` handed out, after its processors ran."""
         assert self._pending is not None
         policy, direction, observe_only, duplex, body_mode, end_of_stream = self._pending
         phase = message.phase
@@ -249,67 +285,80 @@ class ExtprocStream:
         self, phase: Phase, direction: _Direction, response: Any, end_of_stream: bool,
         observe_only: bool,
     ) -> list[Any]:
-        if end_of_stream:
-            direction.done = True
+        self._ended(phase, direction, end_of_stream)
         if phase.is_headers and self._override_open and response is not None:
             self._override_open = False  # decided on the stream's first headers answer
             response = self._maybe_override(phase, response)
-        if phase.is_request:
-            exchange = self.exchange
-            exchange.request_done = exchange.clock()
         if observe_only or response is None:
             return _NOTHING
         self.sent += 1
         return [response]
 
-    def _pass_through(self, phase: Phase, request: Any) -> list[Any] | None:
+    def _ended(self, phase: Phase, direction: _Direction, end_of_stream: bool) -> None:
+        """A message of ``direction`` was answered: the direction ends with ``end_of_stream``;
+        a request message's answer is when the request went on to the upstream."""
+        if end_of_stream:
+            direction.done = True
+        if phase.is_request:
+            exchange = self.exchange
+            exchange.request_done = exchange.clock()
+
+    def _pass_through(self, event: Event) -> list[Any] | None:
         """A body or trailers message no processor of the policy needs: the prebuilt CONTINUE,
-        with the bookkeeping :meth:`feed` would do for it. None: not that simple (full-duplex,
+        with the bookkeeping :meth:`handle` would do for it. None: not that simple (full-duplex,
         observability mode, metadata to take in, a direction that ended or was replaced) --
-        :meth:`feed` then takes it the long way."""
+        :meth:`handle` then takes it the long way."""
+        phase = event.phase
         direction = self._request if phase.is_request else self._response
-        if (direction.done or direction.replaced or request.observability_mode
-                or request.HasField("metadata_context")):
+        if direction.done or direction.replaced or event.observability or event.metadata is not None:
             return None
-        exchange = self.exchange
         if phase.is_body:
+            exchange = self.exchange
             mode = exchange.request_body_mode if phase.is_request else exchange.response_body_mode
             if mode is BodyMode.FULL_DUPLEX_STREAMED:
                 return None
-            direction.body_started = True
-            if getattr(request, phase.field).end_of_stream:
-                direction.done = True
-        else:  # trailers end their direction
-            direction.done = True
+        direction.advance(phase)  # in order: a body or trailers of a direction not ended
         self.received += 1
-        if phase.is_request:
-            exchange.request_done = exchange.clock()
+        self._ended(phase, direction, event.end_of_stream)
         self.sent += 1
         return _CONTINUE_ANSWERS[phase.number]
+
+    def _refuse(self, event: Event, overflow: Overflow) -> list[Any]:
+        """A header or trailer message over the caps: an immediate response ends the stream.
+
+        Not the policy's ``on_error`` path: ``continue`` there would send the request on
+        without the processors that could not read it (docs/hardening.md).
+        """
+        phase = event.phase
+        status = _OVER_CAP_STATUS[phase.number]
+        self.received += 1
+        self.finished = True
+        exchange = self.exchange
+        request_id = (  # the request headers, when they were under the caps (and not this message)
+            exchange.request_id
+            if phase is not Phase.REQUEST_HEADERS and exchange.has_request_headers else ""
+        )
+        if self._rejections is not None:
+            self._rejections.record(overflow, str(status), self.policy_name, request_id)
+        details = f"extsvc_{overflow.reason.replace('-', '_')}_over_limit"  # header_count_over_limit
+        if event.observability:  # Envoy would not read an answer
+            self.immediate_status = status
+            return []
+        return self._emit(convert.immediate(ImmediateReply(status, b"", {}, details, None)), status)
 
     def _emit(self, response: Any, status: int) -> list[Any]:
         self.immediate_status = status
         self.sent += 1
         return [response]
 
-    def _check_order(self, phase: Phase, direction: _Direction) -> None:
-        if direction.done and not direction.replaced:
-            raise ProtocolError("order", f"{phase.value} after that direction ended")
-        if phase.is_headers:
-            if direction.headers_seen or direction.body_started:
-                raise ProtocolError("order", f"{phase.value} after headers or body")
-            direction.headers_seen = True
-        elif phase.is_body:
-            direction.body_started = True
-
-    def _start(self, request: Any) -> ImmediateReply | None:
+    def _start(self, event: Event) -> ImmediateReply | None:
         """First message: body modes from ``protocol_config``, then the policy.
 
         See docs/internals/envoy-behaviour.md §3.1.
         """
         self._started = True
         exchange = self.exchange
-        modes = convert.body_modes(request)
+        modes = event.modes
         if modes is not None:
             exchange.request_body_mode, exchange.response_body_mode, self._no_wait = modes
         policies = self._policies
@@ -366,10 +415,10 @@ class ExtprocStream:
         return overridden
 
 
-def _unchanged(phase: Phase, inner: Any, duplex: bool) -> Any:
+def _unchanged(phase: Phase, body: bytes, end_of_stream: bool, duplex: bool) -> Any:
     """The unchanged answer; in FULL_DUPLEX_STREAMED the chunk itself goes back (or nothing)."""
     if not duplex:
         return convert.CONTINUE[phase.number]
-    if not inner.body and not inner.end_of_stream:
+    if not body and not end_of_stream:
         return None
-    return convert.echo_chunk(phase, inner.body, inner.end_of_stream)
+    return convert.echo_chunk(phase, body, end_of_stream)

@@ -22,7 +22,7 @@ from extsvc.errors import PluginError
 from extsvc.plugin.hookspecs import ExtsvcSpecs
 from extsvc.plugin.markers import ENTRY_POINT_GROUP, PROJECT
 from extsvc.plugin.records import AuthorizerType, LimitStoreType, LoadedPlugin, ProcessorType
-from extsvc.ratelimit.config import StoreType
+from extsvc.storetypes import BUILTIN_STORE_NAMES
 
 if TYPE_CHECKING:
     from extsvc.settings import Settings
@@ -52,9 +52,10 @@ _SYNC_HOOKS = frozenset(
     {"extsvc_register_authorizers", "extsvc_register_processors", "extsvc_register_limit_stores"}
 )
 
-#: What ``ratelimit.store.type`` spells itself: a plugin store taking one of these names would
-#: make a config read two ways (and ``plugin`` is how a config selects a plugin store).
-BUILTIN_STORE_NAMES = frozenset(t.value for t in StoreType)
+#: BUILTIN_STORE_NAMES (extsvc.storetypes): what ``ratelimit.store.type`` spells itself: a
+#: plugin store taking one of these names would make a config read two ways (and ``plugin`` is
+#: how a config selects a plugin store).
+__all__ = ["BUILTIN_STORE_NAMES", "PluginHost"]
 
 
 class PluginHost:

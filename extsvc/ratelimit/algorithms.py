@@ -63,10 +63,13 @@ def clamp_hits(hits: int, capacity: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One descriptor's store operation.
+    """One descriptor's store operation: the base of :class:`FixedOp`, :class:`SlidingOp` and
+    :class:`GcraOp`, which the ``*_op`` functions build and which name their arguments.
 
-    ``kind`` is ``f`` (fixed), ``s`` (sliding, keys = current and previous window) or ``g`` (GCRA).
-    ``a``, ``b``, ``c`` are the integer arguments of that kind (see the ``*_op`` functions).
+    A store tells them apart with ``isinstance`` (or ``match``) and reads the named fields. The
+    generic names stay as they were: ``kind`` is ``f`` (fixed), ``s`` (sliding, keys = current and
+    previous window) or ``g`` (GCRA), and ``a``, ``b``, ``c`` are the kind's integer arguments in
+    the order the named fields list them (the Redis script's ARGV).
     """
 
     kind: str
@@ -75,6 +78,76 @@ class Op:
     a: int
     b: int
     c: int
+
+    @property
+    def key(self) -> str:
+        """The first (for a sliding window: the current window's) key."""
+        return self.keys[0]
+
+
+class FixedOp(Op):
+    """Fixed window: add ``hits`` to ``key``; a new key expires after ``expiry_ms``.
+    The store answers ``(count after, 0)``."""
+
+    __slots__ = ()
+    __match_args__ = ("key", "hits", "expiry_ms")
+
+    @property
+    def expiry_ms(self) -> int:
+        return self.a
+
+
+class SlidingOp(Op):
+    """Sliding window (keys: ``current``, ``previous`` window): if admitted (see
+    :func:`sliding_step`) add ``hits`` to ``current``, expiring after ``expiry_ms``.
+    The store answers ``(admitted 0/1, usage)``."""
+
+    __slots__ = ()
+    __match_args__ = ("current", "previous", "hits", "limit", "weight_ppm", "expiry_ms")
+
+    @property
+    def current(self) -> str:
+        return self.keys[0]
+
+    @property
+    def previous(self) -> str:
+        return self.keys[1]
+
+    @property
+    def limit(self) -> int:
+        return self.a
+
+    @property
+    def weight_ppm(self) -> int:
+        """The weight of the previous window, in parts per million."""
+        return self.b
+
+    @property
+    def expiry_ms(self) -> int:
+        return self.c
+
+
+class GcraOp(Op):
+    """Token bucket (GCRA) on ``key``, the stored TAT in µs (see :func:`gcra_step`); if admitted
+    store the new TAT (the key may expire once ``now_us`` passes it).
+    The store answers ``(admitted 0/1, tat)``."""
+
+    __slots__ = ()
+    __match_args__ = ("key", "hits", "interval_us", "tolerance_us", "now_us")
+
+    @property
+    def interval_us(self) -> int:
+        """The emission interval T."""
+        return self.a
+
+    @property
+    def tolerance_us(self) -> int:
+        """``burst * T``."""
+        return self.b
+
+    @property
+    def now_us(self) -> int:
+        return self.c
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +168,12 @@ def fixed_window_start(now_s: int, window_s: int) -> int:
     return now_s // window_s * window_s
 
 
-def fixed_op(base_key: str, hits: int, window_s: int, now_s: int) -> Op:
-    """``a`` = expiry in ms (the window length). ``hits`` should be clamped by the caller
+def fixed_op(base_key: str, hits: int, window_s: int, now_s: int) -> FixedOp:
+    """``expiry_ms`` (``a``) = the window length. ``hits`` should be clamped by the caller
     (:func:`clamp_hits`); here only to :data:`MAX_HITS`, over any limit."""
     if hits > MAX_HITS:
         hits = MAX_HITS
-    return Op("f", (f"{base_key}{fixed_window_start(now_s, window_s)}",), hits, window_s * 1000, 0, 0)
+    return FixedOp("f", (f"{base_key}{fixed_window_start(now_s, window_s)}",), hits, window_s * 1000, 0, 0)
 
 
 def fixed_step(count: int, hits: int) -> int:
@@ -117,8 +190,8 @@ def fixed_status(count_after: int, hits: int, limit: int, window_s: int, now_s: 
 # --- sliding window (two-window approximation) ----------------------------------------------
 
 
-def sliding_op(base_key: str, hits: int, limit: int, window_s: int, now_ms: int) -> Op:
-    """``a`` = limit, ``b`` = weight of the previous window in ppm, ``c`` = expiry in ms."""
+def sliding_op(base_key: str, hits: int, limit: int, window_s: int, now_ms: int) -> SlidingOp:
+    """``limit`` (``a``), ``weight_ppm`` of the previous window (``b``), ``expiry_ms`` (``c``)."""
     hits = clamp_hits(hits, limit)
     window_ms = window_s * 1000
     start_ms = now_ms - now_ms % window_ms
@@ -128,7 +201,7 @@ def sliding_op(base_key: str, hits: int, limit: int, window_s: int, now_ms: int)
     base = base_key if "{" in base_key else f"{{{base_key}}}"
     current = f"{base}sw_{start_ms // 1000}"
     previous = f"{base}sw_{(start_ms - window_ms) // 1000}"
-    return Op("s", (current, previous), hits, limit, weight, 2 * window_ms)
+    return SlidingOp("s", (current, previous), hits, limit, weight, 2 * window_ms)
 
 
 def sliding_estimate(previous: int, current: int, weight_ppm: int) -> int:
@@ -159,11 +232,11 @@ def gcra_interval_us(limit: int, window_s: int) -> int:
     return max(1, window_s * 1_000_000 // limit)
 
 
-def gcra_op(base_key: str, hits: int, limit: int, burst: int, window_s: int, now_us: int) -> Op:
-    """``a`` = emission interval T (µs), ``b`` = tolerance ``burst * T`` (µs), ``c`` = now (µs)."""
+def gcra_op(base_key: str, hits: int, limit: int, burst: int, window_s: int, now_us: int) -> GcraOp:
+    """``interval_us`` T (``a``), ``tolerance_us`` = ``burst * T`` (``b``), ``now_us`` (``c``)."""
     interval = gcra_interval_us(limit, window_s)
     hits = clamp_hits(hits, burst)
-    return Op("g", (f"{base_key}tb",), hits, interval, burst * interval, now_us)
+    return GcraOp("g", (f"{base_key}tb",), hits, interval, burst * interval, now_us)
 
 
 def gcra_step(tat: int, hits: int, interval_us: int, tolerance_us: int, now_us: int) -> tuple[int, int]:

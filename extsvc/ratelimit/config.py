@@ -73,7 +73,7 @@ class StoreSettings(_Model):
 
     ``type: plugin`` uses the store a plugin registered under the name ``plugin``
     (``extsvc_register_limit_stores``); ``config`` is validated against that store's own model
-    when the config is compiled (:mod:`extsvc.config.compile`), like a policy step's.
+    when the config is compiled (:mod:`extsvc.reload.compile`), like a policy step's.
     """
 
     type: StoreType = StoreType.MEMORY

@@ -30,7 +30,7 @@ from extsvc.ratelimit.config import (
     Node,
     RateLimitSection,
 )
-from extsvc.ratelimit.store import LimitStore
+from extsvc.ratelimit.store import DeadlineStore, ImmediateStore, LimitStore
 
 log = logging.getLogger(__name__)
 _throttle = LogThrottle()
@@ -138,6 +138,27 @@ class _Plan:
         self.op: Op | None = None
 
 
+class _Resolved:
+    """A request's descriptors resolved in one domain: each one's limit (after ``replaces``; None:
+    no limit) and plan (None for Envoy's per-descriptor override). Remembered per descriptor
+    tuple (see :meth:`Limiter.should_rate_limit`), with the tuple itself so that its id cannot
+    be reused meanwhile."""
+
+    __slots__ = ("descriptors", "domain", "limits", "plans")
+
+    def __init__(
+        self,
+        descriptors: Sequence[DescriptorRequest],
+        domain: Domain,
+        limits: list[Limit | None],
+        plans: list[_Plan | None],
+    ) -> None:
+        self.descriptors = descriptors
+        self.domain = domain
+        self.limits = limits
+        self.plans = plans
+
+
 class Limiter:
     """One compiled rate-limit config: the section's settings, the domains and the store.
 
@@ -159,13 +180,16 @@ class Limiter:
         self.store = store
         self._metrics = metrics
         self._clock = clock
-        self._remote = store.kind != "memory"
-        self._apply_by: Callable[[list[Op], float], Awaitable[list[tuple[int, int]]]] | None = (
-            getattr(store, "apply_by", None)
-        )
-        #: a store that answers without waiting (memory) is called without a coroutine
+        # Optional capabilities (extsvc.ratelimit.store), checked once here, never per request.
+        #: a store that answers without waiting (memory) is called without a coroutine, and is
+        #: the only kind not bounded by the RPC's deadline
         self._apply_now: Callable[[list[Op]], list[tuple[int, int]]] | None = (
-            getattr(store, "apply_now", None)
+            store.apply_now if isinstance(store, ImmediateStore) else None
+        )
+        self._remote = self._apply_now is None
+        #: a remote store that bounds its call itself (no timer per request)
+        self._apply_by: Callable[[list[Op], float], Awaitable[list[tuple[int, int]]]] | None = (
+            store.apply_by if isinstance(store, DeadlineStore) else None
         )
         self._prefix = section.store.key_prefix
         self._max_values = section.max_metric_values
@@ -175,8 +199,8 @@ class Limiter:
         self._local: dict[str, float] | None = {} if section.local_cache else None
         self._stats: dict[tuple[str, str], _Stats] = {}
         self._plans: dict[str, dict[tuple[tuple[str, str], ...], _Plan]] = {}
-        #: id(descriptor tuple) -> (that tuple, its domain, limits, plans): see should_rate_limit
-        self._resolved: dict[int, tuple[Any, ...]] = {}
+        #: id(descriptor tuple) -> what it resolved to: see should_rate_limit
+        self._resolved: dict[int, _Resolved] = {}
         self._store_errors = {
             mode: metrics.hot(metrics.rl_store_errors.labels(store.kind, mode))
             for mode in ("allow", "deny")
@@ -237,43 +261,21 @@ class Limiter:
         # 1. Match every descriptor (cached per distinct entries: see _Plan), or take the
         #    result for this very descriptor tuple (the service passes the same tuple for the
         #    same request bytes, see convert.parse_request).
-        count = len(descriptors)
-        memo = self._resolved.get(id(descriptors))
-        if memo is not None and memo[0] is descriptors and memo[1] is domain:
-            limits, chosen = memo[2], memo[3]
-            if memo[4]:  # only fixed windows: the short way, in this frame
-                plans = memo[5]
-                ops: list[Op] = self._fixed_ops(descriptors, plans, default_hits, now_s)
-                try:
-                    if self._apply_now is not None:
-                        results = self._apply_now(ops)
-                    elif self._remote and timeout_s is not None:
-                        results = await self._apply(ops, timeout_s)
-                    else:
-                        results = await self.store.apply(ops)
-                except (StoreError, TimeoutError, OSError) as exc:
-                    return self._store_failed(exc, descriptors, [p.limit for p in plans], timeout_s)
-                return self._fixed_answer(ops, plans, results, now)
-        else:
-            limits, chosen = self._resolve(domain, descriptors)
-            if type(descriptors) is tuple:  # immutable: safe to remember by identity
-                if len(self._resolved) >= PLAN_CACHE_MAX:
-                    self._resolved.clear()
-                simple = self._only_fixed_windows(domain_name, descriptors, limits, chosen)
-                # the tuple is kept with its result, so its id cannot be reused meanwhile
-                self._resolved[id(descriptors)] = (
-                    descriptors, domain, limits, chosen, simple, tuple(chosen)
-                )
+        resolved = self._resolved.get(id(descriptors))
+        if resolved is None or resolved.descriptors is not descriptors or resolved.domain is not domain:
+            resolved = self._resolve(domain, descriptors)
+        limits = resolved.limits
+        plans = resolved.plans
 
-        # 2. One store operation per limited descriptor.
-        statuses: list[Status | None] = [None] * count
-        ops = []
-        op_index: list[int] = []
-        stats: list[_Stats | None] = [None] * count
-        hits_of = [0] * count
+        # 2. One store operation per limited descriptor; the others are answered here.
+        statuses = [OK_NO_LIMIT] * len(descriptors)
+        over = False
+        ops: list[Op] = []
+        #: per op: (descriptor index, hits, counters, fixed window's near-limit threshold or -1)
+        todo: list[tuple[int, int, _Stats, int]] = []
+        local = self._local
         for i, limit in enumerate(limits):
             if limit is None:
-                statuses[i] = OK_NO_LIMIT
                 continue
             if limit.unlimited:
                 statuses[i] = UNLIMITED
@@ -282,11 +284,12 @@ class Limiter:
             hits = default_hits if d.hits is None else d.hits
             if hits > limit.requests_per_unit:  # over the limit or a large burst: see clamp_hits
                 hits = alg.clamp_hits(hits, _capacity(limit))
-            hits_of[i] = hits
-            plan = chosen[i]
+            plan = plans[i]
+            op: Op | None
             if plan is None:  # Envoy's per-descriptor limit override: nothing cached
                 st = self._stats_for(domain_name, self._label(limit, [], d.entries))
                 op = self._op(limit, self._base_key(domain_name, d.entries, []), hits, now, now_s)
+                near = int(limit.requests_per_unit * self._near_ratio)
             else:
                 bound = plan.stats
                 if bound is None:  # bound on first use (a replaced limit never gets a series)
@@ -294,159 +297,85 @@ class Limiter:
                         domain_name, self._label(limit, plan.path, d.entries)
                     )
                 st = bound
-                if limit.algorithm is Algorithm.FIXED_WINDOW:
+                near = plan.near
+                if limit.algorithm is Algorithm.FIXED_WINDOW:  # the usual case: op cached
                     window = limit.window_s
-                    start = now_s // window * window  # alg.fixed_window_start
+                    start = now_s - now_s % window  # alg.fixed_window_start
                     op = plan.op
                     if op is None or plan.start != start or op.hits != hits:
                         op = plan.op = alg.fixed_op(plan.base, hits, window, now_s)
                         plan.start = start
                 else:
                     op = self._op(limit, plan.base, hits, now, now_s)
-            stats[i] = st
             st.hits.inc(hits)
-            if op is None:  # a zero limit under sliding/token bucket: nothing can pass
-                statuses[i] = Status(True, limit, 0, limit.window_s)
-                st.over.inc(hits)
-                continue
-            if self._local is not None and op.kind == "f":
-                until = self._local.get(op.keys[0])
+            if limit.algorithm is not Algorithm.FIXED_WINDOW:
+                near = -1  # no short cut for its answer (see 4.)
+                if op is None:  # a zero limit under sliding/token bucket: nothing can pass
+                    statuses[i] = Status(True, limit, 0, limit.window_s)
+                    st.over.inc(hits)
+                    over = True
+                    continue
+            elif local is not None:  # the over-limit cache: fixed windows only
+                assert op is not None
+                until = local.get(op.keys[0])
                 if until is not None and until > now:
                     statuses[i] = Status(True, limit, 0, limit.window_s - now_s % limit.window_s)
                     st.over.inc(hits)
                     st.local_cache.inc(hits)
+                    over = True
                     continue
+            assert op is not None
             ops.append(op)
-            op_index.append(i)
+            todo.append((i, hits, st, near))
 
         # 3. One store call for the whole request.
         if ops:
             try:
-                results = await self._apply(ops, timeout_s)
+                if self._apply_now is not None:
+                    results = self._apply_now(ops)
+                else:
+                    results = await self._apply(ops, timeout_s)
             except (StoreError, TimeoutError, OSError) as exc:
                 return self._store_failed(exc, descriptors, limits, timeout_s)
-            near_ratio = self._near_ratio
-            for op, i, result in zip(ops, op_index, results, strict=True):
+
+            # 4. Each answer to a status, counted.
+            for op, (i, hits, st, near), result in zip(ops, todo, results, strict=True):
                 limit = limits[i]
                 assert limit is not None
-                hits = hits_of[i]
                 used = result[0]
-                counters = stats[i]
-                if (op.kind == "f" and hits and counters is not None
-                        and used <= int(limit.requests_per_unit * near_ratio)):
+                if hits and used <= near:
                     # The common case, short-cut: a fixed window well within the limit (at or
                     # below the near-limit threshold, itself <= the limit). What fixed_status,
                     # tally and _account give for it: every hit within, none near or over.
-                    counters.within.inc(hits)
+                    st.within.inc(hits)
                     window = limit.window_s
                     statuses[i] = Status(
                         False, limit, limit.requests_per_unit - used, window - now_s % window
                     )
                     continue
-                outcome = self._outcome(limit, op, result, hits, now_s)
-                statuses[i] = self._account(limit, op, outcome, hits, counters, now)
+                status = statuses[i] = self._account(
+                    limit, op, self._outcome(limit, op, result, hits, now_s), hits, st, now
+                )
+                over = over or status.over
 
-        final: tuple[Status, ...] = tuple(s if s is not None else OK_NO_LIMIT for s in statuses)
-        return self._answer(final, limits)
+        if over or self._headers_enabled:
+            return self._answer(tuple(statuses), limits)
+        return Answer(False, tuple(statuses))  # what _answer gives when no status is over
 
     # --- pieces ---------------------------------------------------------------------------
 
     async def _apply(self, ops: list[Op], timeout_s: float | None) -> list[tuple[int, int]]:
-        """The store call, bounded by ``timeout_s`` for remote stores: by the store itself when
-        it offers ``apply_by(ops, deadline)`` (no timer per request), else by :func:`within`."""
-        if not self._remote or timeout_s is None:
+        """The call of a store that waits, bounded by ``timeout_s``: by the store itself when it
+        is a :class:`DeadlineStore` (no timer per request), else by :func:`within`."""
+        if timeout_s is None:
             return await self.store.apply(ops)
         if self._apply_by is not None:
             return await self._apply_by(ops, get_running_loop().time() + timeout_s)
         return await within(self.store.apply(ops), timeout_s)
 
-    def _only_fixed_windows(
-        self,
-        domain_name: str,
-        descriptors: Sequence[DescriptorRequest],
-        limits: list[Limit | None],
-        chosen: list[_Plan | None],
-    ) -> bool:
-        """Whether a request takes the short way (:meth:`_fixed_ops`): every descriptor has a plan with its
-        own fixed-window limit (no override, replaced, unlimited or quota limit) and the local
-        over-limit cache is off. Binds the plans' counters (the general path binds them lazily)."""
-        if self._local is not None:
-            return False
-        for d, limit, plan in zip(descriptors, limits, chosen, strict=True):
-            if (plan is None or limit is None or plan.limit is not limit or d.override is not None
-                    or limit.unlimited or limit.quota_mode
-                    or limit.algorithm is not Algorithm.FIXED_WINDOW):
-                return False
-        for d, plan in zip(descriptors, chosen, strict=True):
-            assert plan is not None and plan.limit is not None
-            if plan.stats is None:
-                plan.stats = self._stats_for(
-                    domain_name, self._label(plan.limit, plan.path, d.entries)
-                )
-        return True
-
-    @staticmethod
-    def _fixed_ops(
-        descriptors: Sequence[DescriptorRequest],
-        plans: tuple[_Plan, ...],
-        default_hits: int,
-        now_s: int,
-    ) -> list[Op]:
-        """The store operations of a request of fixed windows only (see _only_fixed_windows),
-        with the hits counted."""
-        ops: list[Op] = []
-        for d, plan in zip(descriptors, plans, strict=True):
-            hits = default_hits if d.hits is None else d.hits
-            limit = plan.limit
-            assert limit is not None
-            if hits > limit.requests_per_unit:  # simply over: see alg.clamp_hits
-                hits = limit.requests_per_unit + 1
-            window = limit.window_s
-            start = now_s - now_s % window  # alg.fixed_window_start
-            op = plan.op
-            if op is None or plan.start != start or op.hits != hits:
-                op = plan.op = alg.fixed_op(plan.base, hits, window, now_s)
-                plan.start = start
-            plan.stats.hits.inc(hits)  # type: ignore[union-attr]
-            ops.append(op)
-        return ops
-
-    def _fixed_answer(
-        self,
-        ops: list[Op],
-        plans: tuple[_Plan, ...],
-        results: Sequence[tuple[int, int]],
-        now: float,
-    ) -> Answer:
-        """The answer to the ops of :meth:`_fixed_ops`: the same statuses and counts as the
-        general path gives, without what these requests cannot need."""
-        now_s = int(now)
-        statuses: list[Status] = []
-        over = False
-        for op, plan, result in zip(ops, plans, results, strict=True):
-            limit: Limit = plan.limit  # type: ignore[assignment]
-            hits = op.hits
-            used = result[0]
-            if hits and used <= plan.near:  # well within: no near, no over (see _account)
-                plan.stats.within.inc(hits)  # type: ignore[union-attr]
-                window = limit.window_s
-                statuses.append(
-                    Status(False, limit, limit.requests_per_unit - used, window - now_s % window)
-                )
-                continue
-            status = self._account(
-                limit, op, self._outcome(limit, op, result, hits, now_s), hits, plan.stats, now
-            )
-            over = over or status.over
-            statuses.append(status)
-        if over or self._headers_enabled:
-            return self._answer(tuple(statuses), [p.limit for p in plans])
-        return Answer(False, tuple(statuses))
-
-    def _resolve(
-        self, domain: Domain, descriptors: Sequence[DescriptorRequest]
-    ) -> tuple[list[Limit | None], list[_Plan | None]]:
-        """Each descriptor's limit (after ``replaces``) and plan (None for Envoy's override)."""
+    def _resolve(self, domain: Domain, descriptors: Sequence[DescriptorRequest]) -> _Resolved:
+        """Each descriptor's limit (after ``replaces``) and plan (None for Envoy's override);
+        remembered for a tuple of descriptors (immutable: safe to remember by identity)."""
         plans = self._plans.get(domain.name)
         if plans is None:
             plans = self._plans[domain.name] = {}
@@ -468,7 +397,12 @@ class Limiter:
             limits[i] = limit
         if replaced:
             limits = [None if (lm is not None and lm.name in replaced) else lm for lm in limits]
-        return limits, chosen
+        resolved = _Resolved(descriptors, domain, limits, chosen)
+        if type(descriptors) is tuple:
+            if len(self._resolved) >= PLAN_CACHE_MAX:
+                self._resolved.clear()
+            self._resolved[id(descriptors)] = resolved
+        return resolved
 
     def _plan(
         self,
@@ -540,10 +474,11 @@ class Limiter:
     @staticmethod
     def _outcome(limit: Limit, op: Op, result: tuple[int, int], hits: int, now_s: int) -> Outcome:
         x, y = result
-        if op.kind == "f":
+        if limit.algorithm is Algorithm.FIXED_WINDOW:
             return alg.fixed_status(x, hits, limit.requests_per_unit, limit.window_s, now_s)
-        if op.kind == "s":
+        if limit.algorithm is Algorithm.SLIDING_WINDOW:
             return alg.sliding_status(x, y, hits, limit.requests_per_unit, limit.window_s, now_s)
+        # GcraOp: a, b, c = interval_us, tolerance_us, now_us
         return alg.gcra_status(x, y, hits, op.a, op.b, op.c)
 
     def _account(
@@ -558,7 +493,7 @@ class Limiter:
             if t.within:
                 st.within.inc(t.within)
         if outcome.over:
-            if self._local is not None and op.kind == "f":
+            if self._local is not None and limit.algorithm is Algorithm.FIXED_WINDOW:
                 self._remember(op.keys[0], now + outcome.reset_s)
             if limit.shadow_mode:
                 if st is not None:

@@ -33,7 +33,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         manager: RateLimitManager,
         metrics: Metrics,
         *,
-        deadline_margin_s: float = 0.02,
+        deadline_margin_s: float = 0.03,
         deadline_margin_ratio: float = 0.1,
         default_timeout_s: float = 1.0,
     ) -> None:

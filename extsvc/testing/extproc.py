@@ -19,10 +19,10 @@ from typing import Any
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extsvc.config.compile import compile_config, parse
 from extsvc.extproc.stream import ExtprocStream
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
 
 __all__ = [
     "DEFAULT_REQUEST_HEADERS",

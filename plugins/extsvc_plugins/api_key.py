@@ -164,9 +164,11 @@ class ApiKey:
         path = ctx.resolve(config.keys_file)
         #: the allow decision of each key seen lately (built once; dropped when the file changes)
         self._decisions: dict[bytes, Decision] = {}
+        #: the same without the credential (remove_credential), per key and source
+        self._stripped: dict[tuple[bytes, int], Decision] = {}
         self._keys: WatchedFile[KeyTable] = WatchedFile(
             path, lambda data: parse_keys(data, path.name), config.reload_interval_s, ctx.logger,
-            on_change=lambda _table: self._decisions.clear(),
+            on_change=lambda _table: self._forget(),
         )
         ctx.logger.info("api-key: %d key(s) loaded from %s", len(self._keys.value), path)
         realm = config.realm.replace('"', "")
@@ -176,6 +178,11 @@ class ApiKey:
         self._unknown = Decision.deny(
             401, headers={"www-authenticate": f'APIKey realm="{realm}"'}, reason="api-key: unknown key"
         )
+
+    def _forget(self) -> None:
+        """Drop the decisions built from the previous key file."""
+        self._decisions.clear()
+        self._stripped.clear()
 
     async def start(self) -> None:
         self._keys.start()
@@ -207,11 +214,25 @@ class ApiKey:
                 self._decisions.clear()
             self._decisions[digest] = decision
         if self._config.remove_credential:
-            strip_set, remove, query_remove = removal(request, source)
-            decision = Decision.allow(
-                upstream_set=strip_set, upstream_remove=remove, query_remove=query_remove
-            ).merge(decision)
+            if source.cookie is not None:  # the Cookie header is rewritten per request
+                return self._strip(decision, request, source)
+            # a header or query key is removed alike from every request: built once per key
+            memo_key = (digest, id(source))
+            stripped = self._stripped.get(memo_key)
+            if stripped is None:
+                stripped = self._strip(decision, request, source)
+                if len(self._stripped) >= _DECISIONS_KEPT:
+                    self._stripped.clear()
+                self._stripped[memo_key] = stripped
+            return stripped
         return decision
+
+    @staticmethod
+    def _strip(decision: Decision, request: CheckContext, source: CredentialSource) -> Decision:
+        strip_set, remove, query_remove = removal(request, source)
+        return Decision.allow(
+            upstream_set=strip_set, upstream_remove=remove, query_remove=query_remove
+        ).merge(decision)
 
 
 @hookimpl

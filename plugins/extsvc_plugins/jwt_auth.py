@@ -100,6 +100,8 @@ WELL_KNOWN = "/.well-known/openid-configuration"
 #: Retries of a key set that is not loaded: after 1 s, then doubling up to 60 s (or the TTL).
 _RETRY_FIRST_S = 1.0
 _RETRY_MAX_S = 60.0
+#: stripped allows remembered (remove_credential; a simple bound: the memo starts over when full)
+_STRIPPED_KEPT = 10_000
 
 
 class _Model(BaseModel):
@@ -576,6 +578,8 @@ class JwtAuthorizer:
         self._cache: TtlCache[Decision] = TtlCache(
             config.cache.max_entries if config.cache.enabled else 0, ctx.clock
         )
+        #: (id(decision), id(source)) -> (decision, the decision without the credential)
+        self._stripped: dict[tuple[int, int], tuple[Decision, Decision]] = {}
         self._cache_hits = ctx.metrics.counter("jwt_cache_hits", "Tokens answered from the cache")
         self._rejected = ctx.metrics.counter("jwt_rejected", "Tokens rejected")
         fetch_metrics = RemoteFetchMetrics(ctx.metrics)
@@ -694,10 +698,22 @@ class JwtAuthorizer:
     def _strip(self, decision: Decision, request: CheckContext, source: CredentialSource) -> Decision:
         if not self._config.remove_credential:
             return decision
+        if source.cookie is None:
+            # A header or query credential is removed alike from every request: a cached
+            # token's stripped allow is built once (keyed by the decision, which it keeps alive)
+            key = (id(decision), id(source))
+            kept = self._stripped.get(key)
+            if kept is not None and kept[0] is decision:
+                return kept[1]
         set_headers, remove, query_remove = removal(request, source)
-        return decision.merge(
+        stripped = decision.merge(
             Decision.allow(upstream_set=set_headers, upstream_remove=remove, query_remove=query_remove)
         )
+        if source.cookie is None:
+            if len(self._stripped) >= _STRIPPED_KEPT:
+                self._stripped.clear()
+            self._stripped[key] = (decision, stripped)
+        return stripped
 
     async def _verify(self, token: str) -> tuple[Decision, float | None]:
         if len(token) > self._config.max_token_bytes:

@@ -1,4 +1,4 @@
-"""envoy.py's own output path agrees with betterproto2's serializer."""
+"""envoy/output.py's own output path agrees with betterproto2's serializer."""
 
 from __future__ import annotations
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from extsvc.config.compile import check_plugins, compile_config, parse
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.hookspecs import ExtsvcSpecs
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import check_plugins, compile_config, parse
 from extsvc.testing import check_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def test_config_examples_in_docs_are_valid(where: str, text: str) -> None:
 
 
 async def test_default_config_compiles() -> None:
-    from extsvc.config.provider import embedded_default_config
+    from extsvc.reload.provider import embedded_default_config
 
     runtime = await compile_config(parse(embedded_default_config()), PluginHost.create(), Metrics())
     assert runtime.config.default_policy == "demo"

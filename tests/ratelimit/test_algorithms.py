@@ -116,3 +116,24 @@ def test_sliding_estimate_is_integer_exact(previous: int, current: int, weight: 
     # what the Lua script computes with doubles: (x - x % 1e6) / 1e6 + current
     x = float(previous * weight + alg.PPM - 1)
     assert (x - x % alg.PPM) / alg.PPM + current == alg.sliding_estimate(previous, current, weight)
+
+
+def test_typed_ops_name_their_fields_and_keep_the_generic_names() -> None:
+    fixed = alg.fixed_op("k_", 3, 60, 125)
+    assert isinstance(fixed, alg.FixedOp) and isinstance(fixed, alg.Op)
+    assert (fixed.kind, fixed.key, fixed.hits, fixed.expiry_ms) == ("f", "k_120", 3, 60_000)
+    assert fixed == alg.fixed_op("k_", 3, 60, 120) and fixed.a == fixed.expiry_ms
+    sliding = alg.sliding_op("k_", 1, 10, 60, 90_000)
+    assert isinstance(sliding, alg.SlidingOp) and sliding.kind == "s"
+    assert (sliding.current, sliding.previous) == sliding.keys
+    assert (sliding.limit, sliding.weight_ppm, sliding.expiry_ms) == (sliding.a, sliding.b, sliding.c)
+    assert (sliding.limit, sliding.weight_ppm, sliding.expiry_ms) == (10, 500_000, 120_000)
+    gcra = alg.gcra_op("k_", 1, 10, 5, 60, 7)
+    assert isinstance(gcra, alg.GcraOp) and gcra.kind == "g" and gcra.key == "k_tb"
+    assert (gcra.interval_us, gcra.tolerance_us, gcra.now_us) == (gcra.a, gcra.b, gcra.c)
+    assert (gcra.interval_us, gcra.tolerance_us, gcra.now_us) == (6_000_000, 30_000_000, 7)
+    match fixed:
+        case alg.FixedOp(key, hits, expiry_ms):
+            assert (key, hits, expiry_ms) == ("k_120", 3, 60_000)
+        case _:
+            raise AssertionError(fixed)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from extsvc.config.compile import parse
 from extsvc.errors import ConfigError
 from extsvc.ratelimit.algorithms import Algorithm
 from extsvc.ratelimit.config import DomainFileError, RateLimitSection, merge_domains, parse_domain
 from extsvc.ratelimit.manager import load_domains
+from extsvc.reload.compile import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 

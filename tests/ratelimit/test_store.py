@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from extsvc.ratelimit import algorithms as alg
-from extsvc.ratelimit.store import LimitStore
+from extsvc.ratelimit.store import DeadlineStore, ImmediateStore, LimitStore
 from extsvc.ratelimit.store.memory import MemoryStore
 
 from .conftest import FakeClock
@@ -167,3 +167,14 @@ def test_evalsha_encoding_is_the_generic_one(specs: list[tuple[str, str, int, in
     expected = encode(["EVALSHA", LUA_SHA, len(keys), *keys, *args])
     assert _evalsha(ops) == expected
     assert _evalsha(ops) == expected  # from the cache
+
+
+async def test_optional_capabilities_are_declared_protocols(store: LimitStore) -> None:
+    """What the limiter looks for once when it is built: memory answers without waiting (never
+    bounded by the RPC's deadline), Redis bounds its own call; a plugin store wrapper neither."""
+    from extsvc.ratelimit.store.plugin import PluginStore
+
+    assert isinstance(store, ImmediateStore) is (store.kind == "memory")
+    assert isinstance(store, DeadlineStore) is (store.kind == "redis")
+    wrapped = PluginStore("other", store)
+    assert not isinstance(wrapped, ImmediateStore) and not isinstance(wrapped, DeadlineStore)

@@ -115,8 +115,9 @@ def _plain(answer: Answer) -> tuple[object, ...]:
 
 
 async def test_fast_path_answers_and_counts_like_the_general_path(clock: FakeClock) -> None:
-    """A tuple of descriptors seen before takes the fast path; a list never does. Both limiters
-    get the same requests across near-limit, over-limit and a window change."""
+    """A tuple of descriptors seen before is not matched again (its resolution is remembered); a
+    list always is. Both limiters get the same requests across near-limit, over-limit and a
+    window change."""
     fast_metrics, general_metrics = Metrics(), Metrics()
     fast, general = limiter(clock, fast_metrics), limiter(clock, general_metrics)
     # docs/ratelimit/gateway.yaml: 60 per minute per api_key (k2 counts 2 hits per request)
@@ -134,7 +135,9 @@ async def test_fast_path_answers_and_counts_like_the_general_path(clock: FakeClo
         assert _plain(fast_answer) == _plain(general_answer), step
         seen_over = seen_over or fast_answer.over
     assert seen_over
-    assert fast._resolved[id(request)][4] is True  # this request did take the fast path
+    resolved = fast._resolved[id(request)]  # this request did take the fast path
+    assert resolved.descriptors is request and all(p is not None for p in resolved.plans)
+    assert general._resolved == {}
     series = _limited_series(fast_metrics)
     counted = {name for name, _, value in series if value > 0}
     assert {"extsvc_ratelimit_within_limit_total", "extsvc_ratelimit_near_limit_total",
@@ -142,14 +145,17 @@ async def test_fast_path_answers_and_counts_like_the_general_path(clock: FakeClo
     assert series == _limited_series(general_metrics)
 
 
-async def test_requests_the_fast_path_cannot_answer_take_the_general_one(clock: FakeClock) -> None:
+async def test_overrides_and_unmatched_descriptors_are_remembered_too(clock: FakeClock) -> None:
     rl = limiter(clock, Metrics())
     no_limit = (DescriptorRequest((("unknown", "x"),)),)
     override = (DescriptorRequest((("generic_key", "api"), ("api_key", "k1")), override=(5, 2)),)
     for request in (no_limit, override):
         for _ in range(2):
             await rl.should_rate_limit("gateway", request, 0)
-        assert rl._resolved[id(request)][4] is False
+        resolved = rl._resolved[id(request)]
+        assert resolved.descriptors is request
+        assert (resolved.plans == [None]) is (request is override)  # an override is not cached
+    assert rl._resolved[id(no_limit)].limits == [None]
     answer = await rl.should_rate_limit("gateway", override, 0)
     assert answer.statuses[0].limit is not None and answer.statuses[0].limit.requests_per_unit == 5
     assert answer.statuses[0].limit.algorithm is Algorithm.FIXED_WINDOW

@@ -93,7 +93,7 @@ async def test_a_bad_file_is_rejected_counted_logged_and_the_last_good_one_keeps
 
         errors = [
             r.getMessage() for r in caplog.records
-            if r.name == "extsvc.config.provider" and r.levelno == logging.ERROR
+            if r.name == "extsvc.reload.provider" and r.levelno == logging.ERROR
         ]
         assert len(errors) == 1
         assert named in errors[0]

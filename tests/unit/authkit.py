@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from extsvc import PluginContext
-from extsvc.config.compile import compile_config, parse
-from extsvc.config.runtime import Runtime
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
+from extsvc.reload.runtime import Runtime
 from extsvc.testing import plugin_context
 
 ISSUER = "https://idp.test"

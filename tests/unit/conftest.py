@@ -10,10 +10,10 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
 from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
-from extsvc.config.compile import compile_config, parse
-from extsvc.config.runtime import Runtime
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
+from extsvc.reload.runtime import Runtime
 
 
 class ScriptConfig(BaseModel):

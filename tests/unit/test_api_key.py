@@ -133,6 +133,10 @@ async def test_keys_from_a_query_parameter_or_a_cookie_removed_before_upstream(s
     assert by_query.allowed and by_query.query_remove == ("api_key",)
     by_cookie = await check(step, headers={"cookie": "key=k-alice-0123456789"})
     assert by_cookie.allowed and by_cookie.upstream_remove == ("cookie",)
+    # a query (or header) key is removed alike from every request: built once per key
+    assert await check(step, "/y?api_key=k-alice-0123456789") is by_query
+    kept = await check(step, headers={"cookie": "key=k-alice-0123456789; theme=dark"})
+    assert dict(kept.upstream_set)["cookie"] == "theme=dark"  # a cookie: per request
 
 
 async def test_missing_and_unknown_keys_are_401_or_an_abstention(steps: Steps) -> None:

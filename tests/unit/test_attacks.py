@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
-from extsvc.config.runtime import Runtime
+from extsvc.reload.runtime import Runtime
 from extsvc.testing import check_context
 from extsvc_plugins import jwt_auth
 from extsvc_plugins.jwt_auth import JwtAuthorizer, JwtConfig

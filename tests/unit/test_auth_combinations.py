@@ -14,7 +14,7 @@ import pytest
 
 from extsvc.authz.convert import to_check_response
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
-from extsvc.config.runtime import Runtime
+from extsvc.reload.runtime import Runtime
 from extsvc.testing import check_context
 from extsvc_plugins import jwt_auth
 

@@ -10,13 +10,13 @@ from pydantic import BaseModel
 from extsvc import AuthorizerType, hookimpl
 from extsvc.authz.pipeline import CompiledPolicy
 from extsvc.cli import main
-from extsvc.config.compile import check_plugins, compile_config, parse, validate_file
 from extsvc.config.model import Combine, OnError
-from extsvc.config.provider import embedded_default_config
-from extsvc.config.runtime import Runtime
 from extsvc.errors import ConfigError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import check_plugins, compile_config, parse, validate_file
+from extsvc.reload.provider import embedded_default_config
+from extsvc.reload.runtime import Runtime
 
 from .conftest import CompileYaml, ScriptPlugin
 
@@ -527,8 +527,8 @@ def test_validate_says_a_binary_file_is_not_text(tmp_path: Path, capsys: pytest.
 def test_an_unknown_kind_names_plugins_installed_after_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib.metadata import EntryPoint
 
-    from extsvc.config.compile import parse_checked
     from extsvc.plugin import host as host_module
+    from extsvc.reload.compile import parse_checked
 
     host = PluginHost.create()
     assert host.entry_points_added() == []

@@ -11,7 +11,7 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 
 from extsvc.authz.convert import (
-    bind_policy,
+    AnswerCache,
     python_to_struct,
     struct_to_python,
     to_check_context,
@@ -290,7 +290,7 @@ def test_lazy_context_equals_an_eager_one_and_binds_the_policy() -> None:
         context_extensions={"k": "v"}, request_id="rid",
     )
     lazy = to_check_context(request)
-    bind_policy(lazy, "orders")
+    lazy.bind("orders")
     eager = CheckContext(
         method="POST", path="/orders", query="id=7", host="example.test", scheme="http",
         protocol="HTTP/1.1", headers=dict(request.attributes.request.http.headers), body=b"{}",
@@ -422,14 +422,18 @@ def test_an_empty_envoy_error_is_still_an_error_response() -> None:
     assert wire.status.code != 0
 
 
-def test_constant_decisions_are_encoded_once_but_envoy_errors_are_not_cached() -> None:
+def test_constant_decisions_are_encoded_once_and_envoy_errors_apart() -> None:
     decision = Decision.deny(403, "no")
     error = to_check_response(decision, envoy_error=True)
     first = to_check_response(decision)
     assert first.WhichOneof("http_response") == "denied_response"
     assert to_check_response(decision) is first
     assert error.WhichOneof("http_response") == "error_response"
-    assert decision.with_reason("other")._wire is None  # a copy does not share the cache
+    assert to_check_response(decision, envoy_error=True) is error
+    copy = decision.with_reason("other")
+    assert to_check_response(copy) is not first  # a copy is a decision of its own
+    assert to_check_response(copy) == first
+    assert not hasattr(decision, "__dict__")  # the decision itself carries no cache
 
 
 @pytest.mark.parametrize("status", [0, 100, 199, 600, 1000])
@@ -453,3 +457,16 @@ def test_merge_refuses_denials() -> None:
 def test_python_to_struct_round_trips() -> None:
     data = {"a": [1.0, "x", None, {"b": False}], "c": {}}
     assert struct_to_python(python_to_struct(data)) == data
+
+
+def test_the_answer_cache_is_bounded_and_keyed_by_identity() -> None:
+    cache = AnswerCache(max_entries=2)
+    a, b, c = Decision.deny(403, "a"), Decision.deny(403, "b"), Decision.allow()
+    first = cache.response(a)
+    assert cache.response(a) is first
+    assert cache.response(Decision.deny(403, "a")) is not first  # equal, but another decision
+    cache.response(b)
+    cache.response(c)
+    assert len(cache) == 2
+    assert cache.response(a) is not first  # the oldest went: built again
+    assert cache.response(a) == first

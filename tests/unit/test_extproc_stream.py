@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from extsvc.config.compile import compile_config, parse
 from extsvc.errors import ConfigError
 from extsvc.extproc.stream import ExtprocStream, ProtocolError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
 from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
 
 from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers, which

@@ -266,6 +266,9 @@ async def test_a_cached_token_still_has_its_credential_removed(steps: Steps) -> 
     first = await check(step, headers=bearer(presented))
     second = await check(step, headers=bearer(presented))
     assert first.upstream_remove == second.upstream_remove == ("authorization",)
+    assert second is first  # a header credential's removal is built once per cached token
+    other = await check(step, headers=bearer(token(sub="bob")))
+    assert other is not first and other.upstream_remove == ("authorization",)
 
 
 async def test_missing_token_is_401_with_a_challenge_or_an_abstention(steps: Steps) -> None:

@@ -15,9 +15,6 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from extsvc import AuthorizerType, PluginContext, hookimpl
-from extsvc.config.compile import check_plugins, parse
-from extsvc.config.provider import ConfigLoader
-from extsvc.config.runtime import RuntimeHolder
 from extsvc.errors import ConfigError, PluginError, StoreError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin import host as host_module
@@ -30,6 +27,9 @@ from extsvc.ratelimit.limiter import DescriptorRequest
 from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.store.memory import MemoryStore
 from extsvc.ratelimit.store.plugin import PluginStore
+from extsvc.reload.compile import check_plugins, parse
+from extsvc.reload.provider import ConfigLoader
+from extsvc.reload.runtime import RuntimeHolder
 from extsvc.testing import running_server
 from extsvc.testing.harness import wait_for_window_room
 

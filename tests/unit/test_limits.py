@@ -9,12 +9,12 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
 from extsvc.authz.convert import to_check_context
-from extsvc.config.compile import compile_config, parse
 from extsvc.extproc.convert import header_overflow
-from extsvc.extproc.guard import GuardedStream
+from extsvc.extproc.stream import ExtprocStream
 from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
 from extsvc.settings import Settings
 from extsvc.testing.extproc import body_message, header_map, headers_message, trailers_message
 
@@ -103,9 +103,11 @@ extproc:
 """
 
 
-async def guarded(metrics: Metrics) -> GuardedStream:
+async def guarded(metrics: Metrics) -> ExtprocStream:
     runtime = await compile_config(parse(CONFIG), PluginHost.create(load_entry_points=False), metrics)
-    return GuardedStream(runtime.extproc, SMALL, Rejections(metrics, "extproc"), authority=lambda: "x")
+    return ExtprocStream(
+        runtime.extproc, limits=SMALL, rejections=Rejections(metrics, "extproc"), authority=lambda: "x"
+    )
 
 
 def rejected(metrics: Metrics, reason: str) -> float:
@@ -153,5 +155,5 @@ async def test_in_observability_mode_nothing_is_answered_but_nothing_is_decoded_
     stream = await guarded(metrics)
     message = headers_message(REQUEST + [("x-h", "v")] * 9, modes=("none", "none"), observability=True)
     assert await stream.feed(message) == []
-    assert stream.finished and stream.exchange._raw_request_headers is None
+    assert stream.finished and not stream.exchange.has_request_headers
     assert rejected(metrics, "header-count") == 1

@@ -408,3 +408,54 @@ def test_a_reused_decision_is_scrubbed_for_each_policy_by_its_own_identity_heade
         second = jwt_only._scrub_identity(Outcome(cached, "allow", "jwt"))
         assert second.decision is cached  # nothing to remove: the very same answer
     assert cached.upstream_remove == ()  # the shared decision itself is never changed
+
+
+# -- memos: the steady state builds nothing per request ---------------------------------------------
+
+
+async def test_the_merge_of_reused_decisions_is_built_once_and_encoded_once(
+    compile_yaml: CompileYaml,
+) -> None:
+    """all-must-allow over steps that return the same decisions (cached tokens, known keys):
+    the merged answer is the same object every time, so its CheckResponse is built once too."""
+    policy = await policy_of(
+        compile_yaml,
+        "{combine: all-must-allow, steps: ["
+        "{plugin: set-headers, name: a, config: {upstream: {x-a: '1'}, metadata: {user: alice}}}, "
+        "{plugin: set-headers, name: b, config: {upstream: {x-b: '2'}}}]}",
+    )
+    first, second = await run(policy), await run(policy)
+    assert first.decision is second.decision
+    assert dict(first.decision.upstream_set) == {"x-a": "1", "x-b": "2"}
+    assert dict(first.decision.metadata) == {"user": "alice"}
+    assert to_check_response(first.decision) is to_check_response(second.decision)
+
+
+def test_the_merge_memo_is_keyed_by_both_decisions_and_bounded() -> None:
+    from extsvc.authz.model import Decision
+    from extsvc.authz.pipeline import _Memo
+
+    a, b, c = (Decision.allow(upstream_set={f"x-{n}": "1"}) for n in "abc")
+    memo = _Memo(max_entries=2)
+    memo.put(a, a.merge(b), b)
+    assert memo.get(a, b) is not None
+    assert memo.get(b, a) is None and memo.get(a, c) is None and memo.get(a) is None
+    memo.put(a, a.merge(c), c)
+    memo.put(b, b.merge(c), c)  # the oldest entry goes
+    assert memo.get(a, b) is None
+    assert memo.get(b, c) is not None and memo.get(a, c) is not None
+
+
+async def test_on_error_answers_are_built_once_per_step_and_reason(
+    compile_yaml: CompileYaml,
+) -> None:
+    policy = await policy_of(compile_yaml, steps("raise", on_error="envoy"))
+    first, second = await run(policy), await run(policy)
+    assert first is second  # the same Outcome: nothing built per failing request
+    assert to_check_response(first.decision, envoy_error=True) is to_check_response(
+        second.decision, envoy_error=True
+    )
+    assert policy.internal_error(check_context(), "overloaded") is policy.internal_error(
+        check_context(), "overloaded"
+    )
+    assert policy.internal_error(check_context(), "other").decision.reason == "other"

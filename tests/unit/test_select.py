@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extsvc.config.runtime import Runtime
+from extsvc.reload.runtime import Runtime
 
 from .conftest import CompileYaml
 

@@ -7,6 +7,11 @@ It raises :class:`extsvc.errors.StoreError` when it cannot answer.
 
 Built in: :mod:`.memory` and :mod:`.redis`. Plugins provide others through the hook
 ``extsvc_register_limit_stores`` (:mod:`.plugin` builds them), with the same Protocol.
+
+Optional capabilities are Protocols too, which the limiter checks once when it is built (never
+per request): :class:`ImmediateStore` (answers without waiting: called without a coroutine, and
+not bounded by the RPC's deadline) and :class:`DeadlineStore` (bounds its own call by a deadline).
+A store with neither is remote: its ``apply`` is bounded by the RPC's deadline by the limiter.
 """
 
 from __future__ import annotations
@@ -28,3 +33,18 @@ class LimitStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ImmediateStore(Protocol):
+    """A store in this process: ``apply_now`` is ``apply`` without a coroutine (nothing waits)."""
+
+    def apply_now(self, ops: Sequence[Op]) -> list[tuple[int, int]]: ...
+
+
+@runtime_checkable
+class DeadlineStore(Protocol):
+    """A remote store that bounds its call itself: ``apply_by`` fails with StoreError at
+    ``deadline`` (event-loop time, None: no deadline) at the latest, so no timer is armed."""
+
+    async def apply_by(self, ops: Sequence[Op], deadline: float | None) -> list[tuple[int, int]]: ...

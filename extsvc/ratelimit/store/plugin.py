@@ -2,7 +2,7 @@
 
 A plugin registers a :class:`extsvc.plugin.records.LimitStoreType` (hook
 ``extsvc_register_limit_stores``). Its ``config`` block is validated when the extsvc config is
-compiled (:func:`extsvc.config.compile.check_plugins`), so a bad field rejects the config and the
+compiled (:func:`extsvc.reload.compile.check_plugins`), so a bad field rejects the config and the
 last good one keeps serving. The factory runs here, once each time the store settings change; the
 limiter then awaits the built object's ``apply`` directly for every request, never through pluggy.
 """

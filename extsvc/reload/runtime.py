@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from extsvc.config.model import POLICY_CONTEXT_KEY, ExtsvcConfig
+from extsvc.selection import by_authority
 
 if TYPE_CHECKING:
     from extsvc.authz.pipeline import CompiledPolicy
@@ -61,14 +62,7 @@ class Runtime:
         name = context_extensions.get(POLICY_CONTEXT_KEY)
         host = "" if name else authority if isinstance(authority, str) else authority()
         if host:
-            name = self.config.authority_policies.get(host)
-            if name is None and host in self.policies:
-                name = host
-            if name is None:  # "policy:port" -> "policy"
-                bare = host.rsplit(":", 1)[0]
-                name = self.config.authority_policies.get(bare) or (
-                    bare if bare in self.policies else None
-                )
+            name = by_authority(host, self.config.authority_policies, self.policies)
         if not name:
             name = self.config.default_policy or ""
         return name, self.policies.get(name)

@@ -17,9 +17,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
-from extsvc.config.compile import (
+from extsvc.config.build import DEFAULT_START_TIMEOUT_S
+from extsvc.errors import ConfigError
+from extsvc.observability.metrics import Metrics
+from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import (
     DEFAULT_MAX_CONFIG_BYTES,
-    DEFAULT_START_TIMEOUT_S,
     check_config_size,
     compile_config,
     decode_config,
@@ -27,10 +30,7 @@ from extsvc.config.compile import (
     parse_and_check,
     read_config_file,
 )
-from extsvc.config.runtime import Runtime, RuntimeHolder
-from extsvc.errors import ConfigError
-from extsvc.observability.metrics import Metrics
-from extsvc.plugin.host import PluginHost
+from extsvc.reload.runtime import Runtime, RuntimeHolder
 
 log = logging.getLogger(__name__)
 

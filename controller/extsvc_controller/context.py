@@ -1,0 +1,132 @@
+"""The translator's state: the snapshot indexed by kind and key, the clusters, the statuses."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from . import envoy, model
+from .policies import Policy, policy_weight
+from .results import Condition, Options, Snapshot, Status
+
+# A Service port with one of these appProtocols gets an HTTP/2 cluster.
+_H2 = {"http2", "grpc", "grpc-web", "kubernetes.io/h2c"}
+
+
+class Context:
+    """One translation's state: the snapshot's objects by kind and key, the policies (and which
+    may target what), the clusters created so far and the status per object."""
+
+    def __init__(self, snapshot: Snapshot, options: Options) -> None:
+        self.options = options
+        self.statuses: dict[tuple[str, str, str], Status] = {}
+        by: dict[str, dict[tuple[str, str], model.Object]] = defaultdict(dict)
+        for obj in snapshot.objects:
+            by[obj.kind][(obj.metadata.namespace, obj.metadata.name)] = obj
+        self.gateways: dict[tuple[str, str], model.Gateway] = by["Gateway"]  # type: ignore[assignment]
+        self.routes: dict[tuple[str, str], model.HTTPRoute] = by["HTTPRoute"]  # type: ignore[assignment]
+        self.services: dict[tuple[str, str], model.Service] = by["Service"]  # type: ignore[assignment]
+        self.secrets: dict[tuple[str, str], model.Secret] = by["Secret"]  # type: ignore[assignment]
+        self.grants: list[model.ReferenceGrant] = list(by["ReferenceGrant"].values())  # type: ignore[arg-type]
+        self.extensions: dict[tuple[str, str], model.GatewayExtension] = by["GatewayExtension"]  # type: ignore[assignment]
+        self.clusters: dict[str, envoy.Cluster] = {}
+        self.policies: dict[tuple[str, str], Policy] = {}
+        # Invalid GatewayExtensions by key: a policy using one says so, not "not found".
+        self.invalid_extensions: dict[tuple[str, str], str] = {}
+        for inv in snapshot.invalid:
+            status = self.status(inv.kind, inv.namespace, inv.name)
+            status.conditions.append(Condition("Accepted", "False", "Invalid", "; ".join(inv.errors)))
+            if inv.kind == "GatewayExtension":
+                self.invalid_extensions[(inv.namespace, inv.name)] = "; ".join(inv.errors)
+            if inv.kind == "TrafficPolicy" and inv.targeting is not None:
+                self.policies[(inv.namespace, inv.name)] = Policy(
+                    inv.namespace, inv.name, 0, "", list(inv.errors), [], None, inv.targeting
+                )
+        for tp in by["TrafficPolicy"].values():
+            assert isinstance(tp, model.TrafficPolicy)
+            meta = tp.metadata
+            self.policies[(meta.namespace, meta.name)] = Policy(
+                meta.namespace,
+                meta.name,
+                policy_weight(meta),
+                meta.creation_timestamp or "",
+                [],
+                [],
+                tp.spec,
+                tp.spec,
+            )
+        # Which policies may target an object, so that a route looks at its own policies only
+        # (not at all of them: 1,000 routes x 1,000 policies was most of the translation time).
+        self.by_target: dict[tuple[str, str, str], list[Policy]] = defaultdict(list)
+        self.by_selector: dict[tuple[str, str], list[Policy]] = defaultdict(list)
+        for key in sorted(self.policies):
+            policy = self.policies[key]
+            for ref in policy.targeting.target_refs or ():
+                self.by_target[(ref.kind, policy.obj_ns, ref.name)].append(policy)
+            for sel in policy.targeting.target_selectors or ():
+                self.by_selector[(sel.kind, policy.obj_ns)].append(policy)
+
+    def targeting(self, kind: str, ns: str, name: str) -> list[Policy]:
+        """The policies with a targetRef to this object or a selector for its kind, each once
+        (:func:`~.policies.matches` then says which, if any, target it and at which sections)."""
+        found = {
+            p.ref: p
+            for p in (*self.by_target.get((kind, ns, name), ()), *self.by_selector.get((kind, ns), ()))
+        }
+        return list(found.values())
+
+    def status(self, kind: str, ns: str, name: str) -> Status:
+        key = (kind, ns, name)
+        if key not in self.statuses:
+            self.statuses[key] = Status(kind, ns, name)
+        return self.statuses[key]
+
+    # --- references ---------------------------------------------------------------------------
+
+    def granted(
+        self,
+        from_kind: str,
+        from_group: str,
+        from_ns: str,
+        to_kind: str,
+        to_group: str,
+        to_ns: str,
+        to_name: str,
+    ) -> bool:
+        if from_ns == to_ns:
+            return True
+        for grant in self.grants:
+            if grant.metadata.namespace != to_ns:
+                continue
+            if not any(
+                f.kind == from_kind and f.group == from_group and f.namespace == from_ns
+                for f in grant.spec.from_
+            ):
+                continue
+            if any(
+                t.kind == to_kind and t.group == to_group and t.name in (None, to_name) for t in grant.spec.to
+            ):
+                return True
+        return False
+
+    def service_cluster(self, ns: str, name: str, port: int) -> tuple[str | None, str | None, bool]:
+        """(cluster name, error, http2) for one Service port; the cluster is created once."""
+        svc = self.services.get((ns, name))
+        if svc is None:
+            return None, f"Service {ns}/{name} not found", False
+        ports = [p for p in svc.spec.ports if p.port == port]
+        if not ports:
+            return None, f"Service {ns}/{name} has no port {port}", False
+        http2 = (ports[0].app_protocol or "") in _H2
+        cname = f"kube_{ns}_{name}_{port}"
+        if cname not in self.clusters:
+            endpoint = self.options.endpoints.get(f"{ns}/{name}:{port}") or self.options.endpoints.get(
+                f"{ns}/{name}"
+            )
+            if endpoint is not None:
+                self.clusters[cname] = envoy.cluster(
+                    cname, endpoint[0], endpoint[1], http2=http2, static=True
+                )
+            else:
+                host = f"{name}.{ns}.svc.{self.options.cluster_domain}"
+                self.clusters[cname] = envoy.cluster(cname, host, port, http2=http2, static=False)
+        return cname, None, http2
