@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from extsvc.authz.model import Decision
 from extsvc.authz.pipeline import CompiledPolicy, CompiledStep
-from extsvc.config.build import Build, build_plugin, context, format_validation_error, unknown
+from extsvc.config.build import Build, build_plugin, context, validate_blocks
 from extsvc.config.model import AuthzPolicy, ExtsvcConfig, Reply
 from extsvc.errors import ConfigError
 from extsvc.plugin.host import PluginHost
@@ -18,21 +18,12 @@ from extsvc.plugin.protocols import Authorizer
 def check_steps(
     config: ExtsvcConfig, host: PluginHost, problems: list[str]
 ) -> dict[tuple[str, int], BaseModel]:
-    validated: dict[tuple[str, int], BaseModel] = {}
-    for policy_name, policy in config.policies.items():
-        for index, step in enumerate(policy.steps):
-            where = f"policies.{policy_name}.steps[{index}]"
-            kind = host.authorizers.get(step.plugin)
-            if kind is None:
-                problems.append(
-                    f"{where}.plugin: {unknown('plugin kind', step.plugin, host.authorizers, host)}"
-                )
-                continue
-            try:
-                validated[(policy_name, index)] = kind.config_model.model_validate(step.config)
-            except ValidationError as exc:
-                problems.extend(format_validation_error(exc, f"{where}.config"))
-    return validated
+    blocks = (
+        (f"policies.{name}.steps[{index}]", (name, index), step.plugin, step.config)
+        for name, policy in config.policies.items()
+        for index, step in enumerate(policy.steps)
+    )
+    return validate_blocks(blocks, host.authorizers, "plugin kind", host, problems)
 
 
 def reply_decision(reply: Reply) -> Decision:

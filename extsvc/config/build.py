@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,6 +33,32 @@ def unknown(what: str, name: str, known: Mapping[str, object], host: PluginHost)
             "to load them"
         )
     return message
+
+
+#: one plugin block of a config: (where, key, plugin kind name, its raw config)
+PluginBlock = tuple[str, tuple[str, int], str, Any]
+
+
+def validate_blocks(
+    blocks: Iterable[PluginBlock],
+    kinds: Mapping[str, Any],
+    what: str,
+    host: PluginHost,
+    problems: list[str],
+) -> dict[tuple[str, int], BaseModel]:
+    """Check each block's kind (one of ``kinds``, else a problem naming ``what``) and validate its
+    config with the kind's model; the validated configs by key, every problem appended."""
+    validated: dict[tuple[str, int], BaseModel] = {}
+    for where, key, plugin, config in blocks:
+        kind = kinds.get(plugin)
+        if kind is None:
+            problems.append(f"{where}.plugin: {unknown(what, plugin, kinds, host)}")
+            continue
+        try:
+            validated[key] = kind.config_model.model_validate(config if config is not None else {})
+        except ValidationError as exc:
+            problems.extend(format_validation_error(exc, f"{where}.config"))
+    return validated
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]:

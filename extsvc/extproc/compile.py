@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from extsvc.config.build import (
     DEFAULT_START_TIMEOUT_S,
     Build,
     build_plugin,
     context,
-    format_validation_error,
-    unknown,
+    validate_blocks,
 )
 from extsvc.config.model import ExtprocPolicy, ExtsvcConfig
 from extsvc.errors import ConfigError
@@ -35,21 +34,12 @@ def check_processors(config: ExtsvcConfig, host: PluginHost) -> dict[tuple[str, 
 def collect_processors(
     config: ExtsvcConfig, host: PluginHost, problems: list[str]
 ) -> dict[tuple[str, int], BaseModel]:
-    validated: dict[tuple[str, int], BaseModel] = {}
-    for policy_name, policy in config.extproc.policies.items():
-        for index, step in enumerate(policy.processors):
-            where = f"extproc.policies.{policy_name}.processors[{index}]"
-            kind = host.processors.get(step.plugin)
-            if kind is None:
-                problems.append(
-                    f"{where}.plugin: {unknown('processor kind', step.plugin, host.processors, host)}"
-                )
-                continue
-            try:
-                validated[(policy_name, index)] = kind.config_model.model_validate(step.config)
-            except ValidationError as exc:
-                problems.extend(format_validation_error(exc, f"{where}.config"))
-    return validated
+    blocks = (
+        (f"extproc.policies.{name}.processors[{index}]", (name, index), step.plugin, step.config)
+        for name, policy in config.extproc.policies.items()
+        for index, step in enumerate(policy.processors)
+    )
+    return validate_blocks(blocks, host.processors, "processor kind", host, problems)
 
 
 async def compile_extproc(

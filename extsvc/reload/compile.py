@@ -21,7 +21,14 @@ from pydantic import BaseModel, ValidationError
 from extsvc import safeyaml
 from extsvc.authz.compile import check_steps, compile_policy
 from extsvc.authz.pipeline import CompiledPolicy
-from extsvc.config.build import DEFAULT_START_TIMEOUT_S, Build, format_validation_error, unknown
+from extsvc.config.build import (
+    DEFAULT_START_TIMEOUT_S,
+    Build,
+    PluginBlock,
+    format_validation_error,
+    unknown,
+    validate_blocks,
+)
 from extsvc.config.model import ExtsvcConfig
 from extsvc.errors import ConfigError
 from extsvc.extproc.compile import (
@@ -119,41 +126,25 @@ def parse_and_check(
 def _raw_plugin_problems(data: Mapping[str, Any], host: PluginHost) -> list[str]:
     """The plugin-block problems of a document whose shape failed validation (best effort)."""
 
-    def entries(section: Any, key: str) -> list[tuple[str, Any]]:
-        if not isinstance(section, Mapping):
-            return []
-        out = []
-        for name, policy in section.items():
+    def blocks(section: Any, prefix: str, key: str) -> Iterator[PluginBlock]:
+        for name, policy in section.items() if isinstance(section, Mapping) else ():
             items = policy.get(key) if isinstance(policy, Mapping) else None
             for index, item in enumerate(items if isinstance(items, list) else []):
                 if isinstance(item, Mapping) and isinstance(item.get("plugin"), str):
-                    out.append((f"{name}.{key}[{index}]", item))
-        return out
+                    where = f"{prefix}.{name}.{key}[{index}]"
+                    yield where, (str(name), index), item["plugin"], item.get("config")
 
     problems: list[str] = []
     extproc = data.get("extproc")
-    blocks: list[tuple[str, Any, str, Mapping[str, Any], str]] = [
-        ("policies", data.get("policies"), "steps", host.authorizers, "plugin kind"),
-        (
-            "extproc.policies",
-            extproc.get("policies") if isinstance(extproc, Mapping) else None,
-            "processors",
-            host.processors,
-            "processor kind",
-        ),
-    ]
-    for prefix, section, key, kinds, what in blocks:
-        for where, item in entries(section, key):
-            where = f"{prefix}.{where}"
-            kind = kinds.get(item["plugin"])
-            if kind is None:
-                problems.append(f"{where}.plugin: {unknown(what, item['plugin'], kinds, host)}")
-                continue
-            config = item.get("config", {})
-            try:
-                kind.config_model.model_validate(config if config is not None else {})
-            except ValidationError as exc:
-                problems.extend(format_validation_error(exc, f"{where}.config"))
+    processors = extproc.get("policies") if isinstance(extproc, Mapping) else None
+    validate_blocks(
+        blocks(data.get("policies"), "policies", "steps"), host.authorizers, "plugin kind", host,
+        problems,
+    )
+    validate_blocks(
+        blocks(processors, "extproc.policies", "processors"), host.processors, "processor kind",
+        host, problems,
+    )
     return problems
 
 
