@@ -24,10 +24,6 @@ from extsvc.types import HeaderName
 
 V = TypeVar("V")
 
-#: Longest credential looked at; longer ones are refused before any parsing or hashing work.
-DEFAULT_MAX_CREDENTIAL_BYTES = 16 * 1024
-
-
 class CredentialSource(BaseModel):
     """Where to find a credential: exactly one of ``header``, ``cookie``, ``query``.
 

@@ -1,4 +1,4 @@
-"""The configuration file's schema: the contract between the server, the controller and the chart.
+"""The configuration file's schema: what an operator writes and what `extsvc validate` checks.
 
 Everything here is validated once, at load time. Plugin ``config`` blocks are kept as plain
 mappings by this model and validated against the plugin's own pydantic model when the policy is

@@ -45,11 +45,6 @@ for _index, _phase in enumerate(Phase):
     _phase.is_trailers = _phase.value.endswith("trailers")
 
 
-REQUEST_PHASES = frozenset({Phase.REQUEST_HEADERS, Phase.REQUEST_BODY, Phase.REQUEST_TRAILERS})
-RESPONSE_PHASES = frozenset({Phase.RESPONSE_HEADERS, Phase.RESPONSE_BODY, Phase.RESPONSE_TRAILERS})
-ALL_PHASES = REQUEST_PHASES | RESPONSE_PHASES
-
-
 class BodyMode(StrEnum):
     """How Envoy sends a body (``ProcessingMode.BodySendMode``, docs/internals/envoy-behaviour.md §3.3)."""
 

@@ -60,7 +60,6 @@ class CompiledExtprocPolicy:
         error_status: int = 500,
         timeout_s: float = 0.15,
         mode_override: bool = True,
-        counters: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.processors = processors
@@ -97,8 +96,6 @@ class CompiledExtprocPolicy:
         #: mode_override answers built from shared answers (fixed or CONTINUE), by
         #: (answer id, request body mode, response body mode, skip response headers)
         self.override_memo: dict[tuple[int, Any, Any, bool], Any] = {}
-        #: metric children bound at compile time: "streams", "immediate", "errors", and one per phase
-        self.counters: Mapping[str, Any] = counters or {}
         #: processor failures are logged once per processor, cause and interval (the metrics
         #: count all): a dependency that hangs fails every stream at once
         self._throttle = LogThrottle()

@@ -204,6 +204,11 @@ class PluginHost:
         """
         records: dict[str, Any] = {}
         owners: dict[str, str] = {}
+        # Each implementation is called directly, not through ``pm.hook``: the host must know
+        # which plugin returned which record (to name the owner of a duplicate), which a hook
+        # call's merged result list does not say; and the lifecycle hooks below may be async,
+        # which pluggy cannot await. These calls run once per process, so pluggy's tracing
+        # (``pm.trace``) is the only thing lost: the log names each plugin instead.
         for impl in getattr(self._pm.hook, hook_name).get_hookimpls():  # registration order
             result: Iterable[object] = impl.function() or ()
             for record in result:
@@ -247,9 +252,6 @@ class PluginHost:
             )
             for p in self._loaded
         ]
-
-    def processor_owner(self, kind: str) -> str | None:
-        return self._processor_owner.get(kind)
 
     def limit_store_owner(self, name: str) -> str | None:
         return self._limit_store_owner.get(name)

@@ -13,6 +13,7 @@ import time
 from asyncio import get_running_loop
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, NamedTuple
 
 from extsvc.deadline import within
@@ -191,6 +192,8 @@ class Limiter:
         self._apply_by: Callable[[list[Op], float], Awaitable[list[tuple[int, int]]]] | None = (
             store.apply_by if isinstance(store, DeadlineStore) else None
         )
+        #: the time of each call to a store that waits (an immediate one's is the RPC's own)
+        self._store_duration = metrics.hot(metrics.rl_store_duration.labels(store.kind))
         self._prefix = section.store.key_prefix
         self._max_values = section.max_metric_values
         self._hash_tag = section.store.hash_tag
@@ -366,12 +369,17 @@ class Limiter:
 
     async def _apply(self, ops: list[Op], timeout_s: float | None) -> list[tuple[int, int]]:
         """The call of a store that waits, bounded by ``timeout_s``: by the store itself when it
-        is a :class:`DeadlineStore` (no timer per request), else by :func:`within`."""
-        if timeout_s is None:
-            return await self.store.apply(ops)
-        if self._apply_by is not None:
-            return await self._apply_by(ops, get_running_loop().time() + timeout_s)
-        return await within(self.store.apply(ops), timeout_s)
+        is a :class:`DeadlineStore` (no timer per request), else by :func:`within`; its time is
+        observed in ``extsvc_ratelimit_store_duration_seconds``."""
+        began = perf_counter()
+        try:
+            if timeout_s is None:
+                return await self.store.apply(ops)
+            if self._apply_by is not None:
+                return await self._apply_by(ops, get_running_loop().time() + timeout_s)
+            return await within(self.store.apply(ops), timeout_s)
+        finally:
+            self._store_duration.observe(perf_counter() - began)
 
     def _resolve(self, domain: Domain, descriptors: Sequence[DescriptorRequest]) -> _Resolved:
         """Each descriptor's limit (after ``replaces``) and plan (None for Envoy's override);

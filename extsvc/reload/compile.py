@@ -231,8 +231,8 @@ async def compile_config(
         if problems:
             raise ConfigError(problems)
     except BaseException:
-        await Runtime.close_authorizers(built)
-        await Runtime.close_authorizers(processors)  # type: ignore[arg-type]
+        await Runtime.close_plugins(built)
+        await Runtime.close_plugins(processors)
         raise
     return Runtime(
         config=config,

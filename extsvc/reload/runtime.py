@@ -88,26 +88,27 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
-        await self.close_authorizers(self.authorizers)
+        await self.close_plugins(self.authorizers)
         if self.extproc is not None:
-            await self.close_authorizers(self.extproc.processors)  # type: ignore[arg-type]
+            await self.close_plugins(self.extproc.processors)
 
     async def wait_closed(self) -> None:
         if self._closing is not None:
             await self._closing
 
     @staticmethod
-    async def close_authorizers(authorizers: Iterable[Authorizer]) -> None:
-        """``aclose()`` each (those that have one), each for at most CLOSE_TIMEOUT_S.
+    async def close_plugins(built: Iterable[object]) -> None:
+        """``aclose()`` each plugin object (authorizers, processors: those that have one), each
+        for at most CLOSE_TIMEOUT_S.
 
         A plugin that fails or hangs is logged and the next one is closed regardless; the event
         loop gets a turn every YIELD_EVERY_S, so retiring a big config does not stall it.
         """
         turn = time.perf_counter()
-        for authorizer in authorizers:
-            aclose = getattr(authorizer, "aclose", None)  # Closable, without typing's isinstance
+        for plugin in built:
+            aclose = getattr(plugin, "aclose", None)  # Closable, without typing's isinstance
             if aclose is not None:
-                await _close_one(aclose, type(authorizer).__name__)
+                await _close_one(aclose, type(plugin).__name__)
             if time.perf_counter() - turn >= YIELD_EVERY_S:
                 await asyncio.sleep(0)
                 turn = time.perf_counter()

@@ -217,3 +217,17 @@ async def test_store_failure_answers_per_failure_mode(
     assert answer.over is (mode == "deny")
     assert metrics.registry.get_sample_value(
         "extsvc_ratelimit_store_errors_total", {"store": "redis", "answer": mode}) == 1
+
+
+async def test_a_waiting_store_call_is_timed_and_an_immediate_one_is_not(clock: FakeClock) -> None:
+    metrics = Metrics()
+    base = limiter(clock)
+    remote = Limiter(base.section, base.domains, BrokenStore(), metrics, clock=clock)
+    await remote.should_rate_limit("gateway", [d(("remote_address", "1.1.1.1"))], timeout_s=1)
+    await remote.should_rate_limit("gateway", [d(("remote_address", "1.1.1.1"))])
+    local = limiter(clock, metrics)
+    await local.should_rate_limit("gateway", [d(("remote_address", "1.1.1.1"))])
+    metrics.flush()
+    count = metrics.registry.get_sample_value
+    assert count("extsvc_ratelimit_store_duration_seconds_count", {"store": "redis"}) == 2
+    assert count("extsvc_ratelimit_store_duration_seconds_count", {"store": "memory"}) in (None, 0)
