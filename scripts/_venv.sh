@@ -1,5 +1,5 @@
 # Sourced by scripts/serve, demo, test and lock: make a virtualenv (Python >= 3.11) and install
-# what $1 needs (runtime | demo | dev) from the lock file requirements/$1.txt, so a fresh clone
+# what $1 needs (runtime | demo | dev) from the lock file requirements/requirements-$1.txt, so a fresh clone
 # gets exactly the tested versions. Re-installs only when a lock or pyproject.toml changed.
 # Sets VENV (the virtualenv's folder).
 #
@@ -20,7 +20,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV (Python $("$PYTHON" -c 'import platform; print(platform.python_version())'))"
   "$PYTHON" -m venv "$VENV"
 fi
-lock="requirements/$what.txt"
+lock="requirements/requirements-$what.txt"
 [ -e "$lock" ] || { echo "no lock file $lock (runtime, demo or dev)" >&2; exit 1; }
 stamp="$VENV/.installed-$what"
 want="$(cat "$lock" pyproject.toml examples/*/pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)"

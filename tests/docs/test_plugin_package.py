@@ -71,7 +71,7 @@ def test_the_docs_hold_the_whole_package() -> None:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    import hatchling  # noqa: F401 (the example's build backend, locked in requirements/dev.txt)
+    import hatchling  # noqa: F401 (the example's build backend, locked in requirements/requirements-dev.txt)
     root = tmp_path_factory.mktemp("author")
     for relative, body in doc_files().items():
         path = root / relative

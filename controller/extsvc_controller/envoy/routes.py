@@ -44,31 +44,20 @@ def route_match(match: model.RouteMatch) -> RouteMatch:
         kwargs["prefix"] = "/"
     else:
         kwargs["path_separated_prefix"] = path.value.rstrip("/")
-    headers = [
-        HeaderMatcher(
-            name=h.name,
-            string_match=(
-                StringMatcher(exact=h.value)
-                if h.type == "Exact"
-                else StringMatcher(safe_regex=RegexMatcher(regex=h.value))
-            ),
-        )
-        for h in match.headers
-    ]
+    headers = [HeaderMatcher(name=h.name, string_match=_string_match(h.type, h.value))
+               for h in match.headers]
     if match.method:
         headers.append(HeaderMatcher(name=":method", string_match=StringMatcher(exact=match.method)))
-    query = [
-        QueryParameterMatcher(
-            name=q.name,
-            string_match=(
-                StringMatcher(exact=q.value)
-                if q.type == "Exact"
-                else StringMatcher(safe_regex=RegexMatcher(regex=q.value))
-            ),
-        )
-        for q in match.query_params
-    ]
+    query = [QueryParameterMatcher(name=q.name, string_match=_string_match(q.type, q.value))
+             for q in match.query_params]
     return RouteMatch(headers=headers, query_parameters=query, **kwargs)
+
+
+def _string_match(kind: str, value: str) -> StringMatcher:
+    """Gateway API's ``Exact`` as an exact match, anything else (``RegularExpression``) as RE2."""
+    if kind == "Exact":
+        return StringMatcher(exact=value)
+    return StringMatcher(safe_regex=RegexMatcher(regex=value))
 
 
 def header_options(modifier: model.HeaderModifier | None) -> tuple[list[HeaderValueOption], list[str]]:

@@ -47,17 +47,21 @@ class ExtSvcRetry(_M):
     backoff: RetryBackoff | None = None
 
 
-class ExtGrpcService(_Checked):
-    backend_ref: ExtBackendRef
-    authority: str | None = None
-    request_timeout: Duration | None = None
-    retry: ExtSvcRetry | None = None
+class _TimedService(_Checked):
+    """A service reference with a ``requestTimeout``, which must be at least 1 ms."""
 
     @classmethod
     def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
         problems: list[Problem] = []
         at_least(data, "request_timeout", _1MS, _TIMEOUT_1MS, problems)
         return problems
+
+
+class ExtGrpcService(_TimedService):
+    backend_ref: ExtBackendRef
+    authority: str | None = None
+    request_timeout: Duration | None = None
+    retry: ExtSvcRetry | None = None
 
 
 class AuthorizationRequest(_M):
@@ -70,19 +74,13 @@ class AuthorizationResponse(_M):
     headers_to_client_on_success: list[str] = Field(default_factory=list)
 
 
-class ExtHttpService(_Checked):
+class ExtHttpService(_TimedService):
     backend_ref: ExtBackendRef
     path_prefix: str = ""
     request_timeout: Duration | None = None
     authorization_request: AuthorizationRequest | None = None
     authorization_response: AuthorizationResponse | None = None
     retry: ExtSvcRetry | None = None
-
-    @classmethod
-    def _rules(cls, data: Mapping[str, Any]) -> list[Problem]:
-        problems: list[Problem] = []
-        at_least(data, "request_timeout", _1MS, _TIMEOUT_1MS, problems)
-        return problems
 
 
 class BufferSettings(_M):
