@@ -1,17 +1,11 @@
 """extsvc: one Python process serving Envoy's ext_authz, ext_proc and rate-limit services.
 
-This module is the plugin-facing API; everything else is internal.
+This module is the plugin-facing API; everything else is internal. ``extsvc.credentials`` holds
+the credential helpers for authorizer plugins (plugin API too, imported from that module).
 """
 
 from __future__ import annotations
 
-from extsvc.authz.model import (
-    CheckContext,
-    Decision,
-    Peer,
-    ResponseHeader,
-    ResponseHeaderAction,
-)
 from extsvc.errors import ConfigError, ExtsvcError, PluginError, StoreError
 from extsvc.extproc.model import (
     BodyMode,
@@ -20,6 +14,13 @@ from extsvc.extproc.model import (
     HttpMessage,
     Phase,
     Processor,
+)
+from extsvc.plugin.check import (
+    CheckContext,
+    Decision,
+    Peer,
+    ResponseHeader,
+    ResponseHeaderAction,
 )
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.markers import hookimpl, hookspec

@@ -34,16 +34,17 @@ from extsvc.observability.admin import AdminServer
 from extsvc.observability.health import HealthState
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
-from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
 from extsvc.ratelimit.service import RateLimitService
 from extsvc.ratelimit.service import add_to_server as add_ratelimit_to_server
 from extsvc.reload.provider import (
     ConfigLoader,
     FileWatcher,
+    Poller,
     embedded_default_config,
     embedded_default_dir,
 )
+from extsvc.reload.ratelimit import RateLimitReloader
 from extsvc.reload.runtime import Runtime, RuntimeHolder
 from extsvc.settings import Settings
 from extsvc.supervisor import WORKER_ENV
@@ -77,9 +78,9 @@ class ExtsvcServer:
         self.metrics = metrics or Metrics()
         self.holder = RuntimeHolder()
         self.health = HealthState((AUTHZ_SERVICE, EXTPROC_SERVICE, RLS_SERVICE))
-        self.ratelimit = RateLimitManager(
-            self.metrics, reload_interval_s=settings.reload_interval_s, host=self.host
-        )
+        self.ratelimit = RateLimitReloader(self.metrics, host=self.host)
+        #: the one clock of reloads: the config file (when there is one), then the domain files
+        self.poller = Poller(settings.reload_interval_s)
         self.loader = ConfigLoader(
             self.holder, self.host, self.metrics, on_first_load=self.health.mark_ready,
             on_load=self._config_loaded, start_timeout_s=settings.plugin_start_timeout_s,
@@ -215,9 +216,11 @@ class ExtsvcServer:
                 text, source, base = self._config_text, "<in-memory config>", Path()
             await self.loader.load_text(text, source=source, base_dir=base)
         else:
-            self.watcher = FileWatcher(s.config, self.loader, s.reload_interval_s)
+            self.watcher = FileWatcher(s.config, self.loader)
             await self.watcher.load_now()
-            self.watcher.start()
+            self.poller.add("config file", self.watcher.poll)
+        self.poller.add("rate-limit domain files", self.ratelimit.reload_now)
+        self.poller.start()
         # Everything imported and built so far lives as long as the process: move it out of the
         # cyclic GC's reach, so that collections triggered by per-RPC garbage do not walk the
         # whole heap of modules, plugins and compiled config (see bench/authz_bench.py).
@@ -248,8 +251,7 @@ class ExtsvcServer:
                 )
                 await asyncio.sleep(drain_delay)
             deadline = loop.time() + grace
-            if self.watcher is not None:
-                await _bounded("the config watcher", self.watcher.stop(), deadline)
+            await _bounded("the reload poller", self.poller.stop(), deadline)
             if self._server is not None:
                 # Stops accepting new RPCs at once; in-flight ones get `grace` seconds to finish,
                 # then grpc cancels them. A handler that ignores its cancellation is abandoned.
@@ -314,6 +316,7 @@ class ExtsvcServer:
         if self.watcher is not None:
             log.info("SIGHUP: checking %s now", self.watcher.path)
             self.watcher.trigger()
+        self.poller.wake()
 
 
 async def _bounded(what: str, step: Awaitable[object], deadline: float) -> None:

@@ -205,7 +205,7 @@ async def _validate(path: Path, verbose: bool = False) -> int:
           f"default: {extproc.default_policy or 'none'}")
     section = config.ratelimit
     if section is not None:
-        from extsvc.ratelimit.manager import load_domains
+        from extsvc.ratelimit.config import load_domains
 
         domains, _ = load_domains(section, path.parent)
         print(f"  ratelimit: {names('domains', domains.domains)}; store: {section.store.type.value}")

@@ -1,7 +1,11 @@
 """Building blocks for authentication plugins: where a credential is, a TTL cache, identity forwarding.
 
-Part of the plugin API (the built-in ``jwt``, ``api-key``, ``basic-auth`` and
-``oauth2-introspection`` plugins use exactly these).
+Plugin API, imported as ``from extsvc.credentials import ...``: the names in ``__all__`` are what
+the built-in ``jwt``, ``api-key``, ``basic-auth`` and ``oauth2-introspection`` plugins are built
+from, so a third-party authorizer that uses them finds, strips, hashes and forwards credentials
+exactly as the built-ins do (docs/plugins.md, "Credential helpers"). Other names here are
+internal. They live in their own module rather than in :mod:`extsvc` because only authorizers
+that take a credential need them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,20 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from extsvc.authz.model import CheckContext
+from extsvc.plugin.check import CheckContext
 from extsvc.types import HeaderName
+
+__all__ = [
+    "BEARER",
+    "CredentialSource",
+    "Forward",
+    "TtlCache",
+    "WatchedFile",
+    "credential_hash",
+    "find_credential",
+    "removal",
+    "tls_context",
+]
 
 V = TypeVar("V")
 

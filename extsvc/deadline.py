@@ -15,7 +15,7 @@ import asyncio
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -63,20 +63,31 @@ class Deadline:
         return self.task.uncancel() == 0
 
 
-async def run_guarded(awaitable: Awaitable[T], deadline: Deadline) -> T:
-    """Await ``awaitable`` (a plugin's ``check()``/hook result); arm ``deadline`` only if it
-    suspends."""
+def start(awaitable: Awaitable[T]) -> tuple[T, None] | tuple[None, Awaitable[T]]:
+    """Run ``awaitable`` (a plugin's ``check()``/hook result) up to its first suspension.
+
+    ``(result, None)`` when it finished without suspending (most steps do: they answer from
+    memory), so no timer is armed; ``(None, rest)`` when it suspended or is not a coroutine: arm
+    the deadline, then ``await rest`` for the result. This is the one place that decides whether a
+    deadline is needed: :func:`run_guarded` uses it, and so do the ext_authz and ext_proc chains,
+    which call it from their own loop to spare a coroutine per step.
+    """
     if type(awaitable) is not types.CoroutineType:
-        deadline.arm()
-        return await awaitable
-    coro: Coroutine[Any, Any, T] = awaitable
+        return None, awaitable
     try:
-        waiting_on = coro.send(None)
+        waiting_on = awaitable.send(None)
     except StopIteration as done:
-        result: T = done.value
-        return result
+        return done.value, None
+    return None, resume(awaitable, waiting_on)
+
+
+async def run_guarded(awaitable: Awaitable[T], deadline: Deadline) -> T:
+    """Await ``awaitable``; arm ``deadline`` only if it suspends (see :func:`start`)."""
+    result, rest = start(awaitable)
+    if rest is None:
+        return cast("T", result)
     deadline.arm()
-    return await resume(coro, waiting_on)
+    return await rest
 
 
 @types.coroutine

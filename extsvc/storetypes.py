@@ -1,7 +1,7 @@
 """The built-in rate-limit store types, by name (bottom floor).
 
 The plugin host refuses a plugin limit store named like one of them; the rate-limit section's
-``StoreType`` (extsvc.ratelimit.config) lists the same names plus ``plugin``
+``StoreType`` (extsvc.config.ratelimit) lists the same names plus ``plugin``
 (tests/unit/test_layers.py checks that the two agree).
 """
 

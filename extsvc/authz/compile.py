@@ -6,11 +6,11 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel
 
-from extsvc.authz.model import Decision
 from extsvc.authz.pipeline import CompiledPolicy, CompiledStep
 from extsvc.config.build import Build, build_plugin, context, validate_blocks
 from extsvc.config.model import AuthzPolicy, ExtsvcConfig, Reply
 from extsvc.errors import ConfigError
+from extsvc.plugin.check import Decision
 from extsvc.plugin.host import PluginHost
 from extsvc.plugin.protocols import Authorizer
 

@@ -14,9 +14,9 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
-from extsvc.authz.model import CheckContext, Decision, Peer, ResponseHeaderAction
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
 from extsvc.limits import Overflow, Rejections, RequestLimits, over_header_caps
+from extsvc.plugin.check import CheckContext, Decision, Peer, ResponseHeaderAction
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse

@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from extsvc.authz.convert import rejected_outcome, to_check_context, to_check_response
-from extsvc.authz.model import Decision
 from extsvc.deadline import AnswerMargin
 from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
+from extsvc.plugin.check import Decision
 
 if TYPE_CHECKING:
-    from extsvc.authz.model import CheckContext
     from extsvc.authz.pipeline import CompiledPolicy, Outcome
+    from extsvc.plugin.check import CheckContext
     from extsvc.reload.runtime import RuntimeHolder
 
 log = logging.getLogger(__name__)

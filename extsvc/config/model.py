@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from extsvc.ratelimit.config import RateLimitSection
+from extsvc.config.ratelimit import RateLimitSection
 from extsvc.types import HeaderName, HeaderValue
 
 #: The ``context_extensions`` key that selects a policy (kgateway's

@@ -7,11 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from time import perf_counter
-from types import CoroutineType
 from typing import Any
 
 from extsvc.config.model import ExtprocConfig, ExtprocOnError, Unselected
-from extsvc.deadline import Deadline, resume
+from extsvc.deadline import Deadline, start
 from extsvc.extproc import convert
 from extsvc.extproc.model import Exchange, HeaderChanges, HttpMessage, ImmediateReply, Phase
 from extsvc.observability.logging import LogThrottle
@@ -120,21 +119,12 @@ class CompiledExtprocPolicy:
             for current, hook in chain:
                 mark = len(message.ops)
                 try:
-                    # run_guarded(), inlined: a coroutine less per processor and message
-                    pending = hook(message)
-                    if type(pending) is CoroutineType:
-                        try:
-                            waiting_on = pending.send(None)
-                        except StopIteration:
-                            pass
-                        else:
-                            guard = guard or self._guard(begun)
-                            guard.arm()
-                            await resume(pending, waiting_on)
-                    else:
+                    # extsvc.deadline.start: no coroutine of ours per processor and message
+                    _, rest = start(hook(message))
+                    if rest is not None:  # it suspended: now the deadline matters
                         guard = guard or self._guard(begun)
                         guard.arm()
-                        await pending
+                        await rest
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 (isolating a processor's failure is the point)

@@ -3,7 +3,7 @@
 It registers the built-in plugins from a fixed list and third-party plugins from the ``extsvc``
 entry-point group (honouring the allow and block lists), checks every hook implementation at
 start-up, and collects the step kinds and rate-limit stores into a plain registry that config
-compilation (and the rate-limit manager) uses. The request path never sees the PluginManager.
+compilation (and the rate-limit reloader) uses. The request path never sees the PluginManager.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from extsvc.authz.model import CheckContext, Decision
+from extsvc.plugin.check import CheckContext, Decision
 
 
 @runtime_checkable

@@ -16,21 +16,14 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, NamedTuple
 
+from extsvc.config.ratelimit import RateLimitSection
 from extsvc.deadline import within
 from extsvc.errors import StoreError
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import OTHER_LABEL
 from extsvc.ratelimit import algorithms as alg
 from extsvc.ratelimit.algorithms import Algorithm, Op, Outcome
-from extsvc.ratelimit.config import (
-    MAX_UINT32,
-    UNIT_SECONDS,
-    Domain,
-    DomainSet,
-    Limit,
-    Node,
-    RateLimitSection,
-)
+from extsvc.ratelimit.config import MAX_UINT32, UNIT_SECONDS, Domain, DomainSet, Limit, Node
 from extsvc.ratelimit.store import DeadlineStore, ImmediateStore, LimitStore
 
 log = logging.getLogger(__name__)

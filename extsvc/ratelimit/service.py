@@ -9,7 +9,7 @@ Envoy answers per its own ``failure_mode_deny``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
@@ -19,7 +19,7 @@ from extsvc.deadline import AnswerMargin
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 from extsvc.ratelimit.convert import encode_response, parse_request
-from extsvc.ratelimit.manager import RateLimitManager
+from extsvc.ratelimit.limiter import Limiter
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +27,25 @@ SERVICE_NAME = "envoy.service.ratelimit.v3.RateLimitService"
 RateLimitResponse = rls_pb2.RateLimitResponse
 
 
+class LimiterSource(Protocol):
+    """Where the serving limiter is read from, per request: the reload layer swaps it (None: no
+    ``ratelimit`` config serves)."""
+
+    @property
+    def limiter(self) -> Limiter | None: ...
+
+
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
-        manager: RateLimitManager,
+        source: LimiterSource,
         metrics: Metrics,
         *,
         deadline_margin_s: float = 0.03,
         deadline_margin_ratio: float = 0.1,
         default_timeout_s: float = 1.0,
     ) -> None:
-        self._manager = manager
+        self._source = source
         #: what is kept back from the RPC's deadline to send the answer (see AnswerMargin)
         self._margin = AnswerMargin(deadline_margin_s, deadline_margin_ratio)
         self._default_timeout = default_timeout_s
@@ -53,7 +61,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
 
     async def answer_wire(self, raw: bytes, context: Any) -> bytes:
         """ShouldRateLimit from request bytes to response bytes (see convert.py's wire form)."""
-        limiter = self._manager.limiter
+        limiter = self._source.limiter
         if limiter is None:
             return self._fail(context, grpc.StatusCode.UNAVAILABLE, "no ratelimit config loaded")
         try:

@@ -2,7 +2,7 @@
 
 The orchestration above the protocols: each protocol package compiles its own section
 (:mod:`extsvc.authz.compile`, :mod:`extsvc.extproc.compile`; a plugin rate-limit store is
-checked here and built by the rate-limit manager); this module runs them in order and builds the
+checked here and built by :mod:`extsvc.reload.ratelimit`); this module runs them in order and builds the
 :class:`~extsvc.reload.runtime.Runtime` that :mod:`extsvc.reload.provider` swaps in.
 """
 
@@ -30,6 +30,7 @@ from extsvc.config.build import (
     validate_blocks,
 )
 from extsvc.config.model import ExtsvcConfig
+from extsvc.config.ratelimit import StoreType
 from extsvc.errors import ConfigError
 from extsvc.extproc.compile import (
     check_processors,
@@ -40,7 +41,6 @@ from extsvc.extproc.compile import (
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
 from extsvc.plugin.protocols import Authorizer
-from extsvc.ratelimit.config import StoreType
 from extsvc.reload.runtime import Runtime
 
 __all__ = [
@@ -171,7 +171,7 @@ def _check_limit_store(config: ExtsvcConfig, host: PluginHost, problems: list[st
     """``ratelimit.store`` with ``type: plugin``: a known store, a config its model accepts.
 
     Checked here, with the rest of the config, so a mistake rejects the whole config (the last
-    good one keeps serving); the rate-limit manager builds the store once the config serves.
+    good one keeps serving); :mod:`extsvc.reload.ratelimit` builds the store once the config serves.
     """
     store = config.ratelimit.store if config.ratelimit is not None else None
     if store is None or store.type is not StoreType.PLUGIN:
@@ -269,7 +269,7 @@ async def validate_file(
         except ConfigError as exc:
             problems.extend(exc.problems)
     if config.ratelimit is not None:  # the server keeps serving past these; validate is strict
-        from extsvc.ratelimit.manager import load_domains
+        from extsvc.ratelimit.config import load_domains
 
         _, domain_problems = await asyncio.to_thread(load_domains, config.ratelimit, path.parent)
         problems.extend(domain_problems)

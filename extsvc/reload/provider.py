@@ -177,22 +177,65 @@ class ConfigLoader:
             return True
 
 
+class Poller:
+    """The reload layer's one clock: every ``interval_s`` (at once after :meth:`wake`) it runs its
+    checks in order -- the config file's (:class:`FileWatcher`), then the rate-limit domain
+    files' (:class:`~extsvc.reload.ratelimit.RateLimitReloader`).
+
+    One task for every source of config, so that a reload of one never races a reload of
+    another, and shutdown stops them all in one place. A check that fails is logged and tried
+    again at the next tick: the poller survives anything a file system does.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval = interval_s
+        self._checks: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def add(self, name: str, check: Callable[[], Awaitable[object]]) -> None:
+        self._checks.append((name, check))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="reload-poll")
+
+    def wake(self) -> None:
+        """Run the checks now instead of at the next tick (SIGHUP)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            self._wake.clear()
+            for name, check in self._checks:
+                try:
+                    await check()
+                except Exception:
+                    log.exception("reload check %s failed (tried again at the next tick)", name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 class FileWatcher:
-    """Polls a config file and reloads it when its content changes.
+    """Reloads a config file when its content changes; :meth:`poll` runs at every
+    :class:`Poller` tick.
 
     Polling (default every second) instead of inotify, because Kubernetes updates a mounted
     ConfigMap by swapping a symlink, which inotify on the file itself does not see. ``os.stat``
     follows the symlink; the content hash avoids reloading when only the timestamp changed.
     """
 
-    def __init__(self, path: Path, loader: ConfigLoader, interval_s: float = 1.0) -> None:
+    def __init__(self, path: Path, loader: ConfigLoader) -> None:
         self.path = path
         self._loader = loader
-        self._interval = interval_s
         self._stat: tuple[int, int, int] | None = None
         self._digest: bytes | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
 
     async def load_now(self) -> bool:
         """Read and load the file now (unless its content did not change)."""
@@ -224,34 +267,21 @@ class FileWatcher:
             self._digest = digest
         return loaded
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="config-watch")
-
     def trigger(self) -> None:
-        """Check the file now (SIGHUP), even if its timestamp looks unchanged."""
+        """Read the file at the next poll (SIGHUP), even if its timestamp looks unchanged."""
         self._stat = (-1, -1, -1)
-        self._wake.set()
 
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            self._wake.clear()
-            try:
-                stat = os.stat(self.path)
-                current: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            except OSError:
-                current = None
-            if current == self._stat:
-                continue
-            self._stat = current
-            if current is None:  # reported once per disappearance, not every interval
-                self._loader.reject(str(self.path), "the file is gone")
-            else:
-                await self.load_now()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def poll(self) -> None:
+        """Load the file if its timestamp, size or inode changed since the last look."""
+        try:
+            stat = os.stat(self.path)
+            current: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            current = None
+        if current == self._stat:
+            return
+        self._stat = current
+        if current is None:  # reported once per disappearance, not every interval
+            self._loader.reject(str(self.path), "the file is gone")
+        else:
+            await self.load_now()

@@ -8,6 +8,9 @@ Plugin authors use the same tools as extsvc's own tests::
         decision = await MyStep(MyConfig(...), plugin_context("my-step")).check(
             check_context(path="/x", headers={"x-tenant": "acme"}))
         assert decision is None
+
+:class:`ScriptPlugin` (``extsvc.testing.scripted``) registers ``script`` steps and processors
+that answer as their config says, to test a policy around a plugin.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
 from extsvc.app import ExtsvcServer
 from extsvc.authz.convert import to_check_context
-from extsvc.authz.model import CheckContext
 from extsvc.observability.metrics import Metrics
+from extsvc.plugin.check import CheckContext
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.host import PluginHost
 from extsvc.settings import Settings
+from extsvc.testing.scripted import ScriptPlugin
 
 __all__ = [
+    "ScriptPlugin",
     "authz_stub",
     "check_context",
     "check_request",

@@ -11,6 +11,10 @@ tokens are a step error (answered per the policy's ``on_error``). The provider i
 with algorithms of its own type (an RSA key never verifies an HS256 or ES256 signature).
 Verified tokens are cached by a hash of the token and never past their ``exp``.
 
+This module is the step itself (verifying a token, answering, caching) and its registration; the
+config models are in :mod:`extsvc_plugins.jwt_config` and the keys (parsing, fetching, refreshing)
+in :mod:`extsvc_plugins.jwt_keys`.
+
 Example::
 
     - plugin: jwt
@@ -34,521 +38,80 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
-import json
 import logging
-import math
-import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from extsvc import (
     AuthorizerType,
     CheckContext,
     Decision,
     PluginContext,
-    RemoteFetchError,
     RemoteFetchMetrics,
-    RemoteTooLarge,
-    fetch_json,
     hookimpl,
 )
 from extsvc.credentials import (
-    BEARER,
     CredentialSource,
-    Forward,
     TtlCache,
     credential_hash,
     find_credential,
     removal,
     tls_context,
 )
+from extsvc_plugins.jwt_config import (
+    DEFAULT_JWKS_MAX_BYTES,
+    WELL_KNOWN,
+    Algorithm,
+    CacheConfig,
+    ClaimRule,
+    JwtConfig,
+    Provider,
+    https_or_loopback,
+    loopback_http,
+)
+from extsvc_plugins.jwt_keys import (
+    DiscoveryRefused,
+    KeySet,
+    KeysUnavailable,
+    RemoteJwks,
+    VerificationKey,
+    inline_key,
+    read_jwks_file,
+    remember_jwks,
+    remembered_jwks,
+)
+
+# The step's config models and its key handling live in jwt_config and jwt_keys; their public
+# names are re-exported so that ``from extsvc_plugins.jwt_auth import ...`` keeps working.
+__all__ = [
+    "DEFAULT_JWKS_MAX_BYTES",
+    "WELL_KNOWN",
+    "Algorithm",
+    "CacheConfig",
+    "ClaimRule",
+    "DiscoveryRefused",
+    "JwtAuthorizer",
+    "JwtConfig",
+    "KeySet",
+    "KeysUnavailable",
+    "Provider",
+    "RemoteJwks",
+    "VerificationKey",
+    "extsvc_register_authorizers",
+    "https_or_loopback",
+    "loopback_http",
+    "read_jwks_file",
+]
 
 log = logging.getLogger(__name__)
 
-Algorithm = Literal[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-    "ES256", "ES384", "ES512", "EdDSA", "HS256", "HS384", "HS512",
-]
-_HMAC = frozenset({"HS256", "HS384", "HS512"})
-#: The key type each asymmetric algorithm needs (pyjwt raises TypeError on a mismatch, so a
-#: token whose header names another family must never reach jwt.decode with that key).
-_KEY_TYPES: dict[str, tuple[type[Any], ...]] = {
-    **dict.fromkeys(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"), (RSAPublicKey,)),
-    **dict.fromkeys(("ES256", "ES384", "ES512"), (EllipticCurvePublicKey,)),
-    "EdDSA": (Ed25519PublicKey, Ed448PublicKey),
-}
-_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
-#: Default cap of a JWKS or discovery document: real key sets are a few KiB (a dozen RSA keys
-#: with certificate chains stay under 64 KiB), so 1 MiB is ample headroom and still cheap to hold.
-DEFAULT_JWKS_MAX_BYTES = 1024 * 1024
-#: OpenID Connect Discovery 1.0, section 4: the document's path under the issuer.
-WELL_KNOWN = "/.well-known/openid-configuration"
-#: Retries of a key set that is not loaded: after 1 s, then doubling up to 60 s (or the TTL).
-_RETRY_FIRST_S = 1.0
-_RETRY_MAX_S = 60.0
 #: stripped allows remembered (remove_credential; a simple bound: the memo starts over when full)
 _STRIPPED_KEPT = 10_000
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ClaimRule(_Model):
-    """One claim test: ``equals`` a value, ``contains`` all of some values (a space-separated
-    string such as ``scope``, or a list), or ``any_of`` some values (e.g. ``groups``)."""
-
-    equals: Any = None
-    contains: list[str] | None = None
-    any_of: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _one(self) -> ClaimRule:
-        if sum(v is not None for v in (self.equals, self.contains, self.any_of)) != 1:
-            raise ValueError("set exactly one of equals, contains, any_of")
-        return self
-
-    def holds(self, value: Any) -> bool:
-        if value is None:
-            return False
-        if self.equals is not None:
-            return bool(value == self.equals)
-        if isinstance(value, str):
-            present = set(value.split())
-        elif isinstance(value, list):
-            present = {str(v) for v in value if isinstance(v, str | int)}
-        else:
-            return False  # a number or an object is neither a scope string nor a group list
-        if self.contains is not None:
-            return set(self.contains) <= present
-        return bool(present & set(self.any_of or ()))
-
-
-class Provider(_Model):
-    """One identity provider: who issues tokens, for whom, signed how, and with which keys."""
-
-    name: str
-    issuers: list[str] = Field(min_length=1)
-    audiences: list[str] = Field(default_factory=list)
-    allow_any_audience: bool = False
-    algorithms: list[Algorithm] = Field(min_length=1)
-    jwks_url: str | None = None
-    discovery: bool = Field(
-        False, description="find the JWKS through the issuer's OpenID Connect discovery document"
-    )
-    discovery_url: str | None = Field(
-        None, description="where that document is (default {issuer}/.well-known/openid-configuration)"
-    )
-    jwks_file: str | None = None
-    keys: list[str | dict[str, Any]] = Field(default_factory=list, description="PEM or JWK")
-    hs_secret_file: str | None = None
-    jwks_ttl_s: float = Field(300.0, gt=0)
-    jwks_min_refetch_interval_s: float = Field(30.0, ge=0)
-    jwks_timeout_s: float = Field(
-        5.0, gt=0, le=60, description="hard deadline of each fetch (discovery, JWKS), body included"
-    )
-    jwks_max_bytes: int = Field(
-        DEFAULT_JWKS_MAX_BYTES, ge=1024, le=16 * 1024 * 1024,
-        description="longest JWKS or discovery document read; reading stops there",
-    )
-    leeway_s: float = Field(30.0, ge=0, le=600)
-    required_claims: list[str] = Field(default_factory=lambda: ["exp"])
-    claims: dict[str, ClaimRule] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _keys(self) -> Provider:
-        sources = [self.jwks_url, self.jwks_file, self.keys or None, self.hs_secret_file,
-                   self.discovery or None]
-        if sum(s is not None for s in sources) != 1:
-            raise ValueError(
-                f"provider {self.name!r}: set exactly one of jwks_url, jwks_file, keys, hs_secret_file, "
-                "discovery"
-            )
-        if self.discovery_url is not None and not self.discovery:
-            raise ValueError(f"provider {self.name!r}: discovery_url needs discovery: true")
-        if self.discovery:
-            if len(self.issuers) != 1:
-                raise ValueError(
-                    f"provider {self.name!r}: discovery needs exactly one issuer (the discovery "
-                    "document must name it)"
-                )
-            for field, url in (("issuer", self.issuers[0]), ("discovery_url", self.discovery_url)):
-                if url is not None and not https_or_loopback(url):
-                    raise ValueError(
-                        f"provider {self.name!r}: with discovery, the {field} must be an https URL "
-                        "(http only on a loopback address)"
-                    )
-        hmac = set(self.algorithms) & _HMAC
-        if self.hs_secret_file is not None and hmac != set(self.algorithms):
-            raise ValueError(f"provider {self.name!r}: hs_secret_file allows only HS256/384/512")
-        if hmac and self.hs_secret_file is None:
-            # An HS algorithm without an explicit secret is the classic key-confusion hole.
-            raise ValueError(f"provider {self.name!r}: HS algorithms need hs_secret_file")
-        if not self.audiences and not self.allow_any_audience:
-            raise ValueError(
-                f"provider {self.name!r}: list audiences (or set allow_any_audience: true)"
-            )
-        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
-            raise ValueError(f"provider {self.name!r}: jwks_url must be http(s)")
-        return self
-
-    @property
-    def discovery_document_url(self) -> str:
-        """Where the discovery document is: ``discovery_url``, or the issuer's well-known path."""
-        return self.discovery_url or self.issuers[0].rstrip("/") + WELL_KNOWN
-
-
-def loopback_http(url: str) -> bool:
-    """Whether ``url`` is plain http to a loopback address (127.0.0.0/8, ::1, localhost)."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        return False
-    if parts.hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
-        return False
-
-
-def https_or_loopback(url: str) -> bool:
-    """An https URL with a host, or :func:`loopback_http`: what discovery accepts."""
-    parts = urlsplit(url)
-    return (parts.scheme == "https" and bool(parts.hostname)) or loopback_http(url)
-
-
-class CacheConfig(_Model):
-    """The cache of verified tokens (off: every request pays a signature check)."""
-
-    enabled: bool = True
-    max_entries: int = Field(10_000, ge=0)
-    max_ttl_s: float = Field(300.0, gt=0)
-
-
-class JwtConfig(_Model):
-    providers: list[Provider] = Field(min_length=1)
-    sources: list[CredentialSource] = Field(default_factory=lambda: [BEARER], min_length=1)
-    forward: Forward = Field(default_factory=lambda: Forward(metadata={"sub": "sub"}))
-    remove_credential: bool = False
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    realm: str = "extsvc"
-    max_token_bytes: int = Field(8192, ge=256, le=65536)
-    on_missing: Literal["deny", "abstain"] = "deny"
-    startup_wait_s: float = Field(
-        1.0, ge=0, le=5,
-        # at most half the server's default plugin_start_timeout_s (10 s): a slow IdP must not
-        # be what makes a config load time out
-        description="how long start() waits for the first fetch of key sets not yet loaded",
-    )
-
-    @model_validator(mode="after")
-    def _unique(self) -> JwtConfig:
-        names = [p.name for p in self.providers]
-        if len(set(names)) != len(names):
-            raise ValueError("provider names must be unique")
-        owners: dict[str, str] = {}
-        for provider in self.providers:
-            for issuer in provider.issuers:
-                if issuer in owners:
-                    # the issuer picks the provider: two owners would make one of them dead config
-                    raise ValueError(
-                        f"issuer {issuer!r} is listed by providers {owners[issuer]!r} and {provider.name!r}"
-                    )
-                owners[issuer] = provider.name
-        return self
-
-
-@dataclass(frozen=True, slots=True)
-class VerificationKey:
-    """A parsed public key and the one algorithm its JWK pins, if any."""
-
-    key: Any
-    alg: str | None = None
-
-    def fits(self, alg: str) -> bool:
-        if self.alg is not None and self.alg != alg:
-            return False
-        if not isinstance(self.key, _KEY_TYPES.get(alg, ())):
-            return False
-        curve = _EC_CURVES.get(alg)
-        return curve is None or self.key.curve.name == curve
-
-
-#: The last JWKS document each URL served, so a config reloaded while the IdP is down still has
-#: keys (a new step instance starts empty). Bounded; a JWKS holds only public keys.
-_LAST_GOOD_JWKS: dict[str, Mapping[str, Any]] = {}
-_LAST_GOOD_MAX = 64
-
-
-def _remember(url: str, document: Mapping[str, Any]) -> None:
-    _LAST_GOOD_JWKS.pop(url, None)
-    _LAST_GOOD_JWKS[url] = document
-    while len(_LAST_GOOD_JWKS) > _LAST_GOOD_MAX:
-        del _LAST_GOOD_JWKS[next(iter(_LAST_GOOD_JWKS))]
-
-
-
-def read_jwks_file(path: Path) -> Mapping[str, Any]:
-    """A JWKS file's JSON object (``OSError`` or ``ValueError`` when it is missing or not one)."""
-    document = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(document, Mapping):
-        raise ValueError("the JWKS file is not a JSON object")
-    return document
-
-
-class KeysUnavailable(Exception):
-    """A provider has no keys yet (its first fetch failed or is still running): a step error, so
-    the policy answers per its ``on_error`` -- neither an allow nor a 401 blaming the token."""
-
-
-class DiscoveryRefused(ValueError):
-    """An OpenID Connect discovery document that cannot be used (wrong issuer, no/insecure jwks_uri)."""
-
-
-class KeySet:
-    """The verification keys of one provider, refreshed from their source.
-
-    Keys are held as parsed key objects (no PEM parsing per request). ``fetch`` returns a JWKS
-    document; it is called single-flight: concurrent requests with an unknown ``kid`` share one
-    fetch, and no request starts one within ``min_interval`` of the previous attempt. A key set
-    that is not loaded yet is fetched in the background (:meth:`start_loading`) until a fetch
-    succeeds, with backoff; meanwhile :meth:`candidates` raises :class:`KeysUnavailable`.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        fetch: Callable[[], Awaitable[Mapping[str, Any]]] | None,
-        ttl: float,
-        min_interval: float,
-        clock: Callable[[], float],
-        logger: logging.Logger,
-        on_loaded: Callable[[Mapping[str, Any]], None] | None = None,
-    ) -> None:
-        self.name = name
-        self._on_loaded = on_loaded
-        self._fetch = fetch
-        self._ttl = ttl
-        self._min_interval = min_interval
-        self._clock = clock
-        self._log = logger
-        self.by_kid: dict[str, VerificationKey] = {}
-        self.without_kid: list[VerificationKey] = []
-        self.fetched_at = -math.inf
-        self.last_attempt = -math.inf
-        self.fetches = 0
-        self.last_error: str | None = None
-        self._inflight: asyncio.Task[bool] | None = None
-        self._loader: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.by_kid) + len(self.without_kid)
-
-    def set_static(self, keys: Sequence[tuple[str | None, VerificationKey]]) -> None:
-        for kid, key in keys:
-            if kid:
-                self.by_kid[kid] = key
-            else:
-                self.without_kid.append(key)
-        self.fetched_at = math.inf
-
-    def load_jwks(self, document: Mapping[str, Any]) -> int:
-        by_kid: dict[str, VerificationKey] = {}
-        without: list[VerificationKey] = []
-        entries = document.get("keys")
-        if not isinstance(entries, list):
-            raise ValueError("the JWKS has no 'keys' list")
-        for entry in entries:
-            if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
-                continue
-            if entry.get("kty") == "oct":
-                # A symmetric key in a public key set: never usable (HS needs hs_secret_file).
-                self._log.warning("provider %s: ignoring symmetric JWK %r", self.name, entry.get("kid"))
-                continue
-            try:
-                key = _jwk_key(entry)
-            except (jwt.PyJWTError, ValueError, TypeError) as exc:
-                self._log.warning("provider %s: skipping unusable JWK %r: %s",
-                                  self.name, entry.get("kid", "?"), exc)
-                continue
-            if entry.get("kid"):
-                by_kid[str(entry["kid"])] = key
-            else:
-                without.append(key)
-        if not by_kid and not without:
-            raise ValueError("the JWKS holds no usable signing key")
-        self.by_kid, self.without_kid = by_kid, without
-        return len(by_kid) + len(without)
-
-    def _refresh_task(self) -> asyncio.Task[bool]:
-        if self._inflight is None or self._inflight.done():
-            self._inflight = asyncio.get_running_loop().create_task(self._do_refresh())
-        return self._inflight
-
-    async def refresh(self) -> bool:
-        """Fetch the key set now (joining a fetch already running); True if it was loaded."""
-        if self._fetch is None:
-            return True
-        return await asyncio.shield(self._refresh_task())
-
-    async def _do_refresh(self) -> bool:
-        assert self._fetch is not None
-        self.last_attempt = self._clock()
-        self.fetches += 1
-        try:
-            document = await self._fetch()
-            count = self.load_jwks(document)
-        except Exception as exc:  # noqa: BLE001 (network, HTTP, JSON, key errors: keep the last good set)
-            self.last_error = str(exc)
-            hint = " (raise jwks_max_bytes if the key set really is this large)" if isinstance(
-                exc, RemoteTooLarge) else ""
-            if len(self) and self.fetched_at == -math.inf:
-                kept = f"serving the {len(self)} key(s) it last returned before the reload"
-            else:
-                kept = f"keeping {len(self)} cached key(s)"
-            self._log.log(
-                logging.ERROR if isinstance(exc, DiscoveryRefused) else logging.WARNING,
-                "provider %s: JWKS refresh failed (%s)%s; %s", self.name, exc, hint, kept,
-            )
-            return False
-        self.fetched_at = self._clock()
-        self.last_error = None
-        if self._on_loaded is not None:
-            self._on_loaded(document)
-        self._log.info("provider %s: JWKS loaded, %d key(s)", self.name, count)
-        return True
-
-    def start_loading(self) -> asyncio.Task[bool] | None:
-        """Fetch in the background until one fetch succeeds (then the TTL takes over).
-
-        Failed attempts are retried after 1 s, doubling up to 60 s (at most ``ttl``), with
-        jitter. Returns the first attempt, for a caller that wants to wait a little for it.
-        """
-        if self._fetch is None:
-            return None
-        first = self._refresh_task()
-        if self._loader is None or self._loader.done():
-            self._loader = asyncio.get_running_loop().create_task(self._keep_loading(first))
-        return first
-
-    async def _keep_loading(self, attempt: asyncio.Task[bool]) -> None:
-        delay = _RETRY_FIRST_S
-        ceiling = max(_RETRY_FIRST_S, min(_RETRY_MAX_S, self._ttl))
-        while not await asyncio.shield(attempt):
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter, not crypto)
-            delay = min(delay * 2, ceiling)
-            attempt = self._refresh_task()
-
-    async def candidates(self, kid: str | None) -> list[VerificationKey]:
-        """The keys a token with this ``kid`` may be signed with (fetching if that may help).
-
-        :raises KeysUnavailable: when no key set has been loaded yet.
-        """
-        now = self._clock()
-        can_fetch = self._fetch is not None and now - self.last_attempt >= self._min_interval
-        if not len(self):
-            # never wait here for an IdP that is slow or down: the background loader (and this
-            # request, at most once per interval) keeps trying; this token is a step error
-            if can_fetch:
-                self._refresh_task()
-            raise KeysUnavailable(
-                f"provider {self.name}: no keys loaded yet "
-                f"({self.last_error or 'the first fetch has not finished'})"
-            )
-        if can_fetch and now - self.fetched_at > self._ttl:
-            self._refresh_task()  # serve from the stale set meanwhile
-        if kid is not None:
-            key = self.by_kid.get(kid)
-            if key is None and can_fetch:
-                await self.refresh()  # a rotated key: look once more, at most once per interval
-                key = self.by_kid.get(kid)
-            return [key] if key is not None else list(self.without_kid)
-        return [*self.without_kid, *self.by_kid.values()]
-
-    async def aclose(self) -> None:
-        """Cancel the background loader and any fetch in flight."""
-        for task in (self._loader, self._inflight):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-
-class RemoteJwks:
-    """Fetches one provider's JWKS from ``jwks_url``, or from the ``jwks_uri`` its OpenID Connect
-    discovery document names (discovered again after a failed JWKS fetch: it may have moved).
-
-    Every request is bounded by the provider's ``jwks_max_bytes`` and ``jwks_timeout_s``.
-    """
-
-    def __init__(
-        self,
-        provider: Provider,
-        client: Callable[[], httpx.AsyncClient],
-        metrics: RemoteFetchMetrics,
-        logger: logging.Logger,
-    ) -> None:
-        self._provider = provider
-        self._client = client
-        self._metrics = metrics
-        self._log = logger
-        self.discovery_url = provider.discovery_document_url if provider.discovery else None
-        self.jwks_uri: str | None = provider.jwks_url
-        #: the key of the last good key set kept across reloads
-        self.source = provider.jwks_url or f"discovery {self.discovery_url}"
-
-    async def __call__(self) -> Mapping[str, Any]:
-        if self.discovery_url is not None and self.jwks_uri is None:
-            self.jwks_uri = await self._discover(self.discovery_url)
-        assert self.jwks_uri is not None
-        try:
-            return await self._get(self.jwks_uri)
-        except RemoteFetchError:
-            if self.discovery_url is not None:
-                self.jwks_uri = None
-            raise
-
-    async def _get(self, url: str) -> dict[str, Any]:
-        return await fetch_json(
-            self._client(), "GET", url, max_bytes=self._provider.jwks_max_bytes,
-            timeout_total_s=self._provider.jwks_timeout_s, metrics=self._metrics,
-        )
-
-    async def _discover(self, url: str) -> str:
-        document = await self._get(url)
-        issuer = self._provider.issuers[0]
-        named = document.get("issuer")
-        if named != issuer:  # OpenID Connect Discovery 1.0, section 4.3: exactly equal, or not used
-            raise DiscoveryRefused(
-                f"the discovery document at {url} names issuer {str(named)[:200]!r}, "
-                f"not {issuer!r}; refused"
-            )
-        jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri:
-            raise DiscoveryRefused(f"the discovery document at {url} has no jwks_uri")
-        parts = urlsplit(jwks_uri)
-        secure = parts.scheme == "https" and bool(parts.hostname)
-        if not secure and not (loopback_http(jwks_uri) and loopback_http(url)):
-            raise DiscoveryRefused(
-                f"jwks_uri {jwks_uri[:200]!r} must be https (plain http only on loopback, "
-                "named by a loopback discovery URL)"
-            )
-        self._log.info("provider %s: discovery names jwks_uri %s", self._provider.name, jwks_uri)
-        return jwks_uri
 
 
 class _Reject(Exception):
@@ -591,13 +154,18 @@ class JwtAuthorizer:
             remote = None
             if provider.jwks_url is not None or provider.discovery:
                 fetch = remote = RemoteJwks(provider, self._http, fetch_metrics, ctx.logger)
-                on_loaded = functools.partial(_remember, remote.source)
+                on_loaded = functools.partial(remember_jwks, remote.source)
             elif provider.jwks_file is not None:
                 path = ctx.resolve(provider.jwks_file)
                 fetch = functools.partial(asyncio.to_thread, read_jwks_file, path)
             keys = KeySet(
-                provider.name, fetch, provider.jwks_ttl_s, provider.jwks_min_refetch_interval_s,
-                ctx.clock, ctx.logger, on_loaded,
+                provider.name,
+                fetch,
+                provider.jwks_ttl_s,
+                provider.jwks_min_refetch_interval_s,
+                ctx.clock,
+                ctx.logger,
+                on_loaded,
             )
             if provider.jwks_file is not None:
                 # A local key file is ours to get right: loaded here, so that `extsvc validate`
@@ -616,7 +184,7 @@ class JwtAuthorizer:
                 if len(secret) < 32:
                     raise ValueError(f"provider {provider.name!r}: the HS secret is shorter than 32 bytes")
             elif provider.keys:
-                keys.set_static([_inline_key(k) for k in provider.keys])
+                keys.set_static([inline_key(k) for k in provider.keys])
             self._providers.append(_ProviderState(provider, keys, secret, remote))
         self._by_issuer = {iss: state for state in self._providers for iss in state.config.issuers}
         realm = config.realm.replace('"', "").replace("\\", "")
@@ -643,12 +211,15 @@ class JwtAuthorizer:
         for state in self._providers:
             if state.remote is None:
                 continue
-            remembered = _LAST_GOOD_JWKS.get(state.remote.source)
+            remembered = remembered_jwks(state.remote.source)
             if remembered is not None and not len(state.keys):
                 with contextlib.suppress(ValueError):
                     count = state.keys.load_jwks(remembered)
-                    self._log.debug("provider %s: %d key(s) kept from before the reload, refetching",
-                                    state.config.name, count)
+                    self._log.debug(
+                        "provider %s: %d key(s) kept from before the reload, refetching",
+                        state.config.name,
+                        count,
+                    )
             attempt = state.keys.start_loading()
             if attempt is not None and not len(state.keys):
                 first.append(attempt)
@@ -686,7 +257,8 @@ class JwtAuthorizer:
             self._log.info("jwt denied: %s [request_id=%s]", reject.reason, request.request_id)
             challenge = f'{self._challenge}, error="{reject.error}"'
             return Decision.deny(
-                reject.status, headers={"www-authenticate": challenge},
+                reject.status,
+                headers={"www-authenticate": challenge},
                 reason=f"jwt: {reject.reason}",
             )
         if exp is not None:
@@ -751,8 +323,12 @@ class JwtAuthorizer:
         for key in candidates:
             try:
                 claims = jwt.decode(
-                    token, key, algorithms=[alg], audience=provider.audiences or None,
-                    issuer=provider.issuers, leeway=provider.leeway_s,
+                    token,
+                    key,
+                    algorithms=[alg],
+                    audience=provider.audiences or None,
+                    issuer=provider.issuers,
+                    leeway=provider.leeway_s,
                     options=options,  # type: ignore[arg-type]
                 )
                 break
@@ -768,7 +344,8 @@ class JwtAuthorizer:
         headers, metadata = self._config.forward.apply(claims)
         exp = claims.get("exp")
         decision = Decision.allow(
-            upstream_set=headers, metadata=metadata,
+            upstream_set=headers,
+            metadata=metadata,
             reason=f"jwt: {provider.name} sub={str(claims.get('sub', ''))[:64]}",
         )
         return decision, float(exp) if isinstance(exp, int | float) else None
@@ -788,23 +365,6 @@ def _describe(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.InvalidSignatureError):
         return "bad signature"
     return f"invalid token: {exc}"
-
-
-def _jwk_key(entry: Mapping[str, Any]) -> VerificationKey:
-    alg = entry.get("alg")
-    jwk = jwt.PyJWK.from_dict(dict(entry))
-    return VerificationKey(jwk.key, str(alg) if alg else None)
-
-
-def _inline_key(key: str | dict[str, Any]) -> tuple[str | None, VerificationKey]:
-    if isinstance(key, dict):
-        if key.get("kty") == "oct":
-            raise ValueError("inline symmetric JWKs are not accepted; use hs_secret_file")
-        return key.get("kid"), _jwk_key(key)
-    public = serialization.load_pem_public_key(key.encode())
-    if not isinstance(public, RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey):
-        raise ValueError(f"unsupported inline key type {type(public).__name__}")
-    return None, VerificationKey(public)
 
 
 @hookimpl

@@ -145,7 +145,7 @@ async def test_fixed_headers_example_in_docs_answers_without_its_hook() -> None:
 async def test_limit_store_example_in_docs_serves_the_docs_domains() -> None:
     from extsvc.errors import ConfigError
     from extsvc.ratelimit.limiter import DescriptorRequest
-    from extsvc.ratelimit.manager import RateLimitManager
+    from extsvc.reload.ratelimit import RateLimitReloader
 
     plugin = load_module("docs_dict_store", docs_example("dict_store"))
     host = PluginHost.create(load_entry_points=False, extra_plugins=[("docs-dict", plugin)])
@@ -153,7 +153,7 @@ async def test_limit_store_example_in_docs_serves_the_docs_domains() -> None:
     config = parse(text, source=where)
     check_plugins(config, host)
     assert config.ratelimit is not None
-    manager = RateLimitManager(Metrics(), host=host, clock=lambda: 1_700_000_000.0)
+    manager = RateLimitReloader(Metrics(), host=host, clock=lambda: 1_700_000_000.0)
     await manager.apply(config.ratelimit, ROOT / "docs")  # config_dir: ratelimit/ (docs/ratelimit)
     limiter = manager.limiter
     assert limiter is not None and limiter.store.kind == "dict"

@@ -28,20 +28,14 @@ from pathlib import Path
 
 import pytest
 
+from extsvc.config.ratelimit import RateLimitSection, StoreSettings, StoreType
 from extsvc.observability.admin import AdminServer
 from extsvc.observability.health import HealthState
 from extsvc.observability.metrics import OTHER_LABEL, Metrics
-from extsvc.ratelimit.config import (
-    MAX_UINT32,
-    RateLimitSection,
-    StoreSettings,
-    StoreType,
-    merge_domains,
-    parse_domain,
-)
+from extsvc.ratelimit.config import MAX_UINT32, merge_domains, parse_domain
 from extsvc.ratelimit.limiter import Answer, DescriptorRequest, Limiter
-from extsvc.ratelimit.manager import build_store
 from extsvc.ratelimit.store import LimitStore
+from extsvc.ratelimit.store.builtin import build_store
 from ratelimit.servers import RedisCluster, RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -39,7 +39,7 @@ from extsvc import (
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
 from extsvc.testing import authz_stub, check_context, check_request, running_server
-from extsvc_plugins import jwt_auth
+from extsvc_plugins import jwt_auth, jwt_keys
 from extsvc_plugins.jwt_auth import JwtAuthorizer, JwtConfig
 from unit.authkit import (
     AUDIENCE,
@@ -198,9 +198,9 @@ def remote() -> Iterator[Remote]:
 
 @pytest.fixture(autouse=True)
 def _forget_jwks() -> Iterator[None]:
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
     yield
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
 
 
 GOOD_JWKS = jwks(public_jwk(rsa_key(), "k1"))

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from extsvc.ratelimit.config import StoreSettings, StoreType
-from extsvc.ratelimit.manager import build_store
+from extsvc.config.ratelimit import StoreSettings, StoreType
 from extsvc.ratelimit.store import LimitStore
+from extsvc.ratelimit.store.builtin import build_store
 
 from .servers import RedisCluster, RedisServer
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from extsvc.config.ratelimit import RateLimitSection
 from extsvc.errors import ConfigError
 from extsvc.ratelimit.algorithms import Algorithm
-from extsvc.ratelimit.config import DomainFileError, RateLimitSection, merge_domains, parse_domain
-from extsvc.ratelimit.manager import load_domains
+from extsvc.ratelimit.config import DomainFileError, load_domains, merge_domains, parse_domain
 from extsvc.reload.compile import parse
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from extsvc.config.ratelimit import RateLimitSection
 from extsvc.errors import StoreError
 from extsvc.observability.metrics import Metrics
 from extsvc.ratelimit.algorithms import Op
-from extsvc.ratelimit.config import RateLimitSection
+from extsvc.ratelimit.config import load_domains
 from extsvc.ratelimit.limiter import MAX_UINT32, DescriptorRequest, Limiter, Status
-from extsvc.ratelimit.manager import load_domains
 from extsvc.ratelimit.store.memory import MemoryStore
 
 from .conftest import FakeClock

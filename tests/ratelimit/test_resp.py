@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extsvc.config.ratelimit import RateLimitSection, StoreSettings, StoreType
 from extsvc.errors import StoreError
 from extsvc.observability.metrics import Metrics
-from extsvc.ratelimit.config import RateLimitSection, StoreSettings, StoreType
+from extsvc.ratelimit.config import load_domains
 from extsvc.ratelimit.limiter import DescriptorRequest, Limiter
-from extsvc.ratelimit.manager import load_domains
 from extsvc.ratelimit.store.redis import RedisStore
 from extsvc.ratelimit.store.resp import PipelinedRedis, RespError, _Incomplete, parse
 

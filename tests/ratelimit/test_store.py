@@ -88,7 +88,7 @@ async def test_same_answers_as_the_reference_model(store: LimitStore, clock: Fak
 
 @pytest.mark.redis
 async def test_one_round_trip_per_request(request: pytest.FixtureRequest, clock: FakeClock) -> None:
-    from extsvc.ratelimit.manager import build_store
+    from extsvc.ratelimit.store.builtin import build_store
 
     from .conftest import store_settings
 
@@ -114,10 +114,11 @@ async def test_one_round_trip_per_request(request: pytest.FixtureRequest, clock:
 async def test_cluster_hash_tag_puts_a_request_in_one_slot(
     request: pytest.FixtureRequest, clock: FakeClock
 ) -> None:
+    from extsvc.config.ratelimit import RateLimitSection
     from extsvc.observability.metrics import Metrics
-    from extsvc.ratelimit.config import DomainSet, RateLimitSection, parse_domain
+    from extsvc.ratelimit.config import DomainSet, parse_domain
     from extsvc.ratelimit.limiter import DescriptorRequest, Limiter
-    from extsvc.ratelimit.manager import build_store
+    from extsvc.ratelimit.store.builtin import build_store
 
     from .conftest import store_settings
 

@@ -1,5 +1,6 @@
-"""Shared pieces of the service tests: the real grpc.aio server on 127.0.0.1, a scriptable step,
-clients for gRPC and the admin listener, and ``extsvc`` subprocesses that are always killed.
+"""Shared pieces of the service tests: the real grpc.aio server on 127.0.0.1 with the scripted test
+plugin (:mod:`extsvc.testing.scripted`), clients for gRPC and the admin listener, and ``extsvc``
+subprocesses that are always killed.
 """
 
 from __future__ import annotations
@@ -15,73 +16,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict
 
-from extsvc import AuthorizerType, CheckContext, Decision, PluginContext, hookimpl
 from extsvc.app import ExtsvcServer
 from extsvc.plugin.host import BUILTIN_PLUGINS, PluginHost
-from extsvc.testing import authz_stub, check_request, running_server
+from extsvc.testing import ScriptPlugin, authz_stub, check_request, running_server
 
 EXTSVC = Path(sys.executable).parent / "extsvc"
 
 
-# -- the `script` step: answers as its config says ----------------------------------------------
-
-
-class ScriptConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    answer: Literal["allow", "raise", "sleep", "wait"] = "allow"
-    sleep_s: float = 10.0
-    tag: str = ""
-
-
-class Scripted:
-    def __init__(self, config: ScriptConfig, ctx: PluginContext, plugin: ScriptPlugin) -> None:
-        self._config = config
-        self._ctx = ctx
-        self._plugin = plugin
-
-    async def aclose(self) -> None:
-        self._plugin.closed.append(self._config.tag or self._ctx.step)
-
-    async def check(self, request: CheckContext, /) -> Decision | None:
-        self._plugin.entered.set()
-        answer = self._config.answer
-        if answer == "raise":
-            raise RuntimeError("the step broke")
-        if answer == "sleep":
-            await asyncio.sleep(self._config.sleep_s)
-        if answer == "wait":  # until the test sets ScriptPlugin.release
-            await self._plugin.release.wait()
-        return Decision.allow(upstream_set={"x-tag": self._config.tag or self._ctx.step})
-
-
-class ScriptPlugin:
-    """Registers the ``script`` kind and records what happens to its steps.
-
-    ``entered`` is set when any step starts checking; ``wait`` steps hold until ``release``.
-    """
-
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.release = asyncio.Event()
-        self.closed: list[str] = []
-
-    @hookimpl
-    def extsvc_register_authorizers(self) -> Iterator[AuthorizerType[Any]]:
-        yield AuthorizerType(
-            name="script",
-            config_model=ScriptConfig,
-            factory=lambda config, ctx: Scripted(config, ctx, self),
-            description="answers as its config says",
-        )
+# -- the `script` step (extsvc.testing.scripted) and the plugin host -----------------------------
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
-from .conftest import ScriptPlugin, Serve, eventually, write_file
+from extsvc.testing import ScriptPlugin
+
+from .conftest import Serve, eventually, write_file
 
 ALLOW_DENY = """
 policies:
@@ -226,7 +228,7 @@ async def test_a_raising_step_is_answered_per_on_error_and_named_in_the_log(
     assert_answered_per(on_error, response)
     messages = [r.getMessage() for r in caplog.records if r.name == "extsvc.authz.pipeline"]
     assert any(
-        "flaky-step (script) raised RuntimeError('the step broke')" in m and "rid-raise" in m
+        "flaky-step (script) raised RuntimeError('boom')" in m and "rid-raise" in m
         for m in messages
     ), messages
     assert any(f"on_error={on_error}" in m and "flaky-step" in m for m in messages), messages

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import ScriptPlugin, Serve, Served, eventually, series, write_file
+from extsvc.testing import ScriptPlugin
+
+from .conftest import Serve, Served, eventually, series, write_file
 
 
 def tagged(tag: str, answer: str = "allow") -> str:

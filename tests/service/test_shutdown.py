@@ -11,9 +11,9 @@ import pytest
 
 from extsvc import hookimpl
 from extsvc.settings import Settings
-from extsvc.testing import authz_stub, check_request, running_server
+from extsvc.testing import ScriptPlugin, authz_stub, check_request, running_server
 
-from .conftest import ScriptPlugin, Serve, eventually, make_host
+from .conftest import Serve, eventually, make_host
 
 SLOW = """
 default_policy: p

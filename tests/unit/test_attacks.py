@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
 from extsvc.reload.runtime import Runtime
 from extsvc.testing import check_context
-from extsvc_plugins import jwt_auth
+from extsvc_plugins import jwt_keys
 from extsvc_plugins.jwt_auth import JwtAuthorizer, JwtConfig
 
 from .authkit import (
@@ -57,9 +57,9 @@ REQUEST_ID = "attack-7"
 def _isolated(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Plugin logs captured from DEBUG up; no JWKS remembered from another test."""
     caplog.set_level(logging.DEBUG, logger="extsvc.plugin")
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
     yield
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
 
 
 @pytest.fixture

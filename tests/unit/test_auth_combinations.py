@@ -16,7 +16,7 @@ from extsvc.authz.convert import to_check_response
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
 from extsvc.reload.runtime import Runtime
 from extsvc.testing import check_context
-from extsvc_plugins import jwt_auth
+from extsvc_plugins import jwt_keys
 
 from .authkit import (
     AUDIENCE,
@@ -36,9 +36,9 @@ API_KEY = "key-of-the-batch-job"
 
 @pytest.fixture(autouse=True)
 def _forget_jwks() -> Iterator[None]:
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
     yield
-    jwt_auth._LAST_GOOD_JWKS.clear()
+    jwt_keys._LAST_GOOD_JWKS.clear()
 
 
 @pytest.fixture

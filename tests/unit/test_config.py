@@ -17,8 +17,9 @@ from extsvc.plugin.host import PluginHost
 from extsvc.reload.compile import check_plugins, compile_config, parse, validate_file
 from extsvc.reload.provider import embedded_default_config
 from extsvc.reload.runtime import Runtime
+from extsvc.testing import ScriptPlugin
 
-from .conftest import CompileYaml, ScriptPlugin
+from .conftest import CompileYaml
 
 DEMO_PATH = Path(__file__).resolve().parents[2] / "extsvc" / "default_config.yaml"
 

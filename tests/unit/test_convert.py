@@ -17,7 +17,7 @@ from extsvc.authz.convert import (
     to_check_context,
     to_check_response,
 )
-from extsvc.authz.model import CheckContext, Decision, Peer, ResponseHeader, ResponseHeaderAction
+from extsvc.plugin.check import CheckContext, Decision, Peer, ResponseHeader, ResponseHeaderAction
 from extsvc.testing import check_context, check_request
 
 HVO = base_pb2.HeaderValueOption

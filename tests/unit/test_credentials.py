@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import sys
+import types
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extsvc import Decision
 from extsvc.credentials import (
     BEARER,
     CredentialSource,
@@ -15,6 +21,9 @@ from extsvc.credentials import (
     find_credential,
     removal,
 )
+from extsvc.observability.metrics import Metrics
+from extsvc.plugin.host import PluginHost
+from extsvc.reload.compile import compile_config, parse
 from extsvc.testing import check_context
 
 from .authkit import FakeClock
@@ -117,3 +126,51 @@ def test_the_ttl_cache_never_serves_an_expired_entry_and_stays_bounded(
                 assert clock() < expires
         for stale in set(map(bytes, [[n] for n in range(6)])) - set(expiry):
             assert cache.get(stale) is None
+
+
+PLUGINS_DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
+
+
+def credential_helpers_section() -> str:
+    text = PLUGINS_DOC.read_text(encoding="utf-8")
+    start = text.index("## Credential helpers (`extsvc.credentials`)")
+    return text[start : text.index("\n## ", start)]
+
+
+def test_the_plugin_api_is_exactly_what_docs_plugins_md_lists() -> None:
+    import extsvc.credentials
+
+    documented = re.findall(r"^- `(\w+)", credential_helpers_section(), re.M)
+    assert sorted(documented) == sorted(extsvc.credentials.__all__)
+    assert all(hasattr(extsvc.credentials, name) for name in extsvc.credentials.__all__)
+
+
+async def test_the_docs_example_lets_a_team_in_and_keeps_its_token_from_the_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/plugins.md, "Credential helpers": the example runs here, as the other docs examples
+    # run in tests/docs/test_docs.py
+    example = re.compile(r"```python\n(# docs-example: team_tokens\n.*?)```", re.S)
+    [source] = example.findall(credential_helpers_section())
+    plugin = types.ModuleType("docs_team_tokens")
+    # pydantic resolves the (postponed) annotations of the config model through sys.modules
+    monkeypatch.setitem(sys.modules, plugin.__name__, plugin)
+    exec(compile(source, "<docs:team_tokens>", "exec"), plugin.__dict__)
+    host = PluginHost.create(load_entry_points=False, extra_plugins=[("docs-team-tokens", plugin)])
+    tokens = tmp_path / "tokens"
+    tokens.write_text("red s3cret-red\n\nblue s3cret-blue\n", encoding="utf-8")
+    step = f"{{plugin: team-tokens, config: {{file: '{tokens}'}}}}"
+    config = parse(f"policies:\n  t:\n    steps:\n      - {step}\n")
+    runtime = await compile_config(config, host, Metrics())
+    policy = runtime.policies["t"]
+
+    async def answer(path: str, **headers: str) -> Decision:
+        return (await policy.evaluate(check_context(path, headers=headers), deadline=1e12)).decision
+
+    allowed = await answer("/", authorization="Bearer s3cret-blue", **{"x-team": "red"})
+    assert allowed.allowed
+    assert dict(allowed.upstream_set) == {"x-team": "blue"}
+    assert "authorization" in allowed.upstream_remove
+    for denied in (await answer("/"), await answer("/", authorization="Bearer s3cret-green")):
+        assert (denied.allowed, denied.status) == (False, 401)
+    await runtime.close()

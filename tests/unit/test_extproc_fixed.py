@@ -23,9 +23,10 @@ from extsvc.errors import ConfigError
 from extsvc.extproc import convert
 from extsvc.extproc.stream import ANSWER_MEMO_SIZE, ExtprocStream
 from extsvc.plugin.host import PluginHost
+from extsvc.testing import ScriptPlugin
 from extsvc.testing.extproc import body_message, headers_message, stream_for
 
-from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers
+from .extproc_kit import common, scripted_stream, set_headers
 
 REQUEST = {":path": "/a", ":method": "POST", "x-old": "1", "content-length": "2"}
 RESPONSE = {":status": "200", "server": "up"}
@@ -67,8 +68,8 @@ async def test_fixed_answers_equal_the_hooks_answers_without_calling_them(
     hooked, hooked_plugin = await answers(chain, fixed=False, modes=modes)
     fixed, fixed_plugin = await answers(chain, fixed=True, modes=modes)
     assert fixed == hooked
-    assert hooked_plugin.calls, "the hooks ran without fixed_headers"
-    assert fixed_plugin.calls == []  # every processor was fixed: no hook ran
+    assert hooked_plugin.processed, "the hooks ran without fixed_headers"
+    assert fixed_plugin.processed == []  # every processor was fixed: no hook ran
     # A second stream of the same policy gets the same (shared, prebuilt) answers.
     again, _ = await answers(chain, fixed=True, modes=modes)
     assert again == fixed
@@ -83,7 +84,7 @@ processors:
 """)
     [answer] = await stream.feed(headers_message(REQUEST, modes=("none", "none")))
     assert set_headers(common(answer).header_mutation) == [("x-a", b"1", False), ("x-b", b"2", False)]
-    assert [label for label, *_ in plugin.calls] == ["f", "d"]
+    assert [label for label, *_ in plugin.processed] == ["f", "d"]
 
 
 async def test_later_processors_read_the_headers_as_fixed_changes_left_them() -> None:
@@ -96,7 +97,7 @@ processors:
 """)
     await stream.feed(headers_message(REQUEST, modes=("buffered", "none")))
     await stream.feed(body_message(b"{}"))
-    [(label, phase, headers, _)] = plugin.calls
+    [(label, phase, headers, _)] = plugin.processed
     assert (label, phase) == ("reader", Phase.REQUEST_BODY)
     assert headers["x-a"] == "1" and "x-old" not in headers
 
@@ -161,7 +162,7 @@ async def test_hooks_making_the_same_changes_share_one_answer() -> None:
     first = await scripted_stream(plugin, config)
     [one] = await first.feed(headers_message(REQUEST, modes=("none", "none")))
     [two] = await ExtprocStream(first._policies).feed(headers_message(REQUEST, modes=("none", "none")))
-    assert one is two and len(plugin.calls) == 2  # the hook ran twice; the answer was built once
+    assert one is two and len(plugin.processed) == 2  # the hook ran twice; the answer was built once
     assert set_headers(common(one).header_mutation) == [("x-a", b"1", False)]
 
 

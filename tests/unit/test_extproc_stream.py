@@ -9,9 +9,10 @@ from extsvc.extproc.stream import ExtprocStream, ProtocolError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.host import PluginHost
 from extsvc.reload.compile import compile_config, parse
+from extsvc.testing import ScriptPlugin
 from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
 
-from .extproc_kit import ScriptPlugin, common, scripted_stream, set_headers, which
+from .extproc_kit import common, scripted_stream, set_headers, which
 
 POST = {":path": "/orders", ":method": "POST", ":authority": "a", "content-type": "application/json",
         "content-length": "23", "x-request-id": "rid-1"}
@@ -47,7 +48,7 @@ async def test_buffered_post_gets_one_matching_answer_per_phase(plugin: ScriptPl
     assert [[which(a) for a in batch] for batch in answers] == [
         ["request_headers"], ["request_body"], ["response_headers"], ["response_body"]
     ]
-    assert [c[1].value for c in plugin.calls] == [
+    assert [c[1].value for c in plugin.processed] == [
         "request_headers", "request_body", "response_headers", "response_body"
     ]
     assert not answers[0][0].HasField("mode_override")  # every phase is needed
@@ -139,7 +140,7 @@ async def test_observability_mode_runs_processors_but_answers_nothing(plugin: Sc
                                    "{phases: [request_headers, request_body], respond: 403}}]")
     assert await stream.feed(headers_message(POST, modes=("streamed", "none"), observability=True)) == []
     assert await stream.feed(body_message(b"x", observability=True)) == []
-    assert len(plugin.calls) == 2
+    assert len(plugin.processed) == 2
     assert stream.sent == 0
 
 
@@ -157,7 +158,7 @@ processors:
     assert set_headers(mutation) == [("x-a", b"1", False), ("x-b", b"3", True)]
     assert list(mutation.remove_headers) == ["x-gone", "x-drop"]
     # the second processor saw the first one's changes
-    assert plugin.calls[1][2]["x-a"] == "1" and plugin.calls[1][2]["x-b"] == "0,3"
+    assert plugin.processed[1][2]["x-a"] == "1" and plugin.processed[1][2]["x-b"] == "0,3"
     assert stream.exchange.request_headers["x-b"] == "0,3"
     assert "x-drop" not in stream.exchange.request_headers
 
@@ -208,7 +209,7 @@ async def test_continue_and_replace_stops_processing_that_direction(plugin: Scri
     # If Envoy still sent the body, it passes untouched and the processor is not called again.
     [later] = await stream.feed(body_message(b"late"))
     assert which(later) == "request_body" and not later.request_body.HasField("response")
-    assert len(plugin.calls) == 1
+    assert len(plugin.processed) == 1
 
 
 async def test_trailers_are_mutated_with_a_trailers_response(plugin: ScriptPlugin) -> None:
@@ -220,7 +221,7 @@ async def test_trailers_are_mutated_with_a_trailers_response(plugin: ScriptPlugi
     mutation = answer.request_trailers.header_mutation
     assert set_headers(mutation) == [("x-checksum", b"ok", False)]
     assert list(mutation.remove_headers) == ["x-t"]
-    assert plugin.calls[0][2] == {"x-t": "1"}
+    assert plugin.processed[0][2] == {"x-t": "1"}
 
 
 async def test_dynamic_metadata_and_clear_route_cache(plugin: ScriptPlugin) -> None:
@@ -281,7 +282,7 @@ async def test_streamed_chunks_are_answered_one_by_one_in_order(plugin: ScriptPl
     answers = [await stream.feed(body_message(c, end_of_stream=i == 2)) for i, c in enumerate(chunks)]
     assert [len(a) for a in answers] == [1, 1, 1]
     assert [common(a[0]).body_mutation.body for a in answers[:2]] == [b"AB", b"CD"]
-    assert [c[3] for c in plugin.calls] == chunks
+    assert [c[3] for c in plugin.processed] == chunks
 
 
 async def test_full_duplex_answers_with_streamed_response_chunks(plugin: ScriptPlugin) -> None:
@@ -385,7 +386,7 @@ async def test_phases_envoy_sends_anyway_are_answered(plugin: ScriptPlugin) -> N
     assert [which(a[0]) for a in answers] == [
         "request_headers", "request_body", "response_headers", "response_body"
     ]
-    assert len(plugin.calls) == 1
+    assert len(plugin.processed) == 1
 
 
 # -- errors and timeouts (on_error) ---------------------------------------------------------------
@@ -422,7 +423,7 @@ extproc:
     [answer] = await stream.feed(headers_message(POST))
     assert set_headers(common(answer).header_mutation) == [("x-first", b"1", False), ("x-third", b"1", False)]
     assert list(common(answer).header_mutation.remove_headers) == []
-    assert plugin.calls[2][2]["x-first"] == "1"  # the third saw the state without the broken one
+    assert plugin.processed[2][2]["x-first"] == "1"  # the third saw the state without the broken one
     assert metrics.registry.get_sample_value(
         "extsvc_extproc_processor_errors_total",
         {"policy": "p", "processor": "broken", "reason": "exception"},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extsvc.ratelimit.config import StoreType
+from extsvc.config.ratelimit import StoreType
 from extsvc.selection import by_authority
 from extsvc.storetypes import BUILTIN_STORE_NAMES
 

@@ -15,20 +15,20 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from extsvc import AuthorizerType, PluginContext, hookimpl
+from extsvc.config.ratelimit import RateLimitSection, StoreSettings, StoreType
 from extsvc.errors import ConfigError, PluginError, StoreError
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin import host as host_module
 from extsvc.plugin.host import PluginHost
 from extsvc.plugin.records import LimitStoreType
-from extsvc.ratelimit import manager as manager_module
 from extsvc.ratelimit.algorithms import Op
-from extsvc.ratelimit.config import RateLimitSection, StoreSettings, StoreType
 from extsvc.ratelimit.limiter import DescriptorRequest
-from extsvc.ratelimit.manager import RateLimitManager
 from extsvc.ratelimit.store.memory import MemoryStore
 from extsvc.ratelimit.store.plugin import PluginStore
+from extsvc.reload import ratelimit as reloader_module
 from extsvc.reload.compile import check_plugins, parse
 from extsvc.reload.provider import ConfigLoader
+from extsvc.reload.ratelimit import RateLimitReloader
 from extsvc.reload.runtime import RuntimeHolder
 from extsvc.testing import running_server
 from extsvc.testing.harness import wait_for_window_room
@@ -144,7 +144,7 @@ def problems_of(text: str, host: PluginHost) -> list[str]:
     return info.value.problems
 
 
-async def ask(manager: RateLimitManager, times: int = 1) -> list[bool]:
+async def ask(manager: RateLimitReloader, times: int = 1) -> list[bool]:
     assert manager.limiter is not None
     answers = []
     for _ in range(times):
@@ -304,7 +304,7 @@ async def test_a_bad_store_config_keeps_the_last_good_config(host: PluginHost) -
 async def test_the_plugin_store_receives_the_ops_of_a_request(
     plugin: CountingPlugin, host: PluginHost, domain_dir: Path
 ) -> None:
-    manager = RateLimitManager(Metrics(), host=host, clock=lambda: NOW)
+    manager = RateLimitReloader(Metrics(), host=host, clock=lambda: NOW)
     await manager.apply(section(), domain_dir)
     assert await ask(manager, 3) == [False, False, True]
     [store] = plugin.built  # built once for the config, not per request
@@ -325,7 +325,7 @@ async def test_a_failing_plugin_store_is_answered_per_failure_mode(
     host: PluginHost, domain_dir: Path, failure_mode: str, over: bool, raises: str
 ) -> None:
     metrics = Metrics()
-    manager = RateLimitManager(metrics, host=host, clock=lambda: NOW)
+    manager = RateLimitReloader(metrics, host=host, clock=lambda: NOW)
     store = f"{{type: plugin, plugin: counting, config: {{servers: [a], {raises}: true}}}}"
     await manager.apply(section(store, failure_mode), domain_dir)
     assert manager.limiter is not None
@@ -346,8 +346,8 @@ async def test_a_bug_in_the_store_becomes_a_store_error_naming_it() -> None:
 async def test_the_store_is_kept_while_its_settings_stay_and_closed_when_replaced(
     plugin: CountingPlugin, host: PluginHost, domain_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manager_module, "_RETIRE_AFTER_S", 0.0)
-    manager = RateLimitManager(Metrics(), host=host, clock=lambda: NOW)
+    monkeypatch.setattr(reloader_module, "_RETIRE_AFTER_S", 0.0)
+    manager = RateLimitReloader(Metrics(), host=host, clock=lambda: NOW)
     await manager.apply(section(), domain_dir)
     await ask(manager)
     await manager.apply(section(failure_mode="deny"), domain_dir)  # another setting, same store
@@ -367,7 +367,7 @@ async def test_the_store_is_kept_while_its_settings_stay_and_closed_when_replace
 async def test_shutdown_closes_a_store_still_waiting_to_retire(
     plugin: CountingPlugin, host: PluginHost, domain_dir: Path
 ) -> None:
-    manager = RateLimitManager(Metrics(), host=host, clock=lambda: NOW)
+    manager = RateLimitReloader(Metrics(), host=host, clock=lambda: NOW)
     await manager.apply(section(), domain_dir)
     await manager.apply(section("{type: memory}"), domain_dir)
     [store] = plugin.built
@@ -381,7 +381,7 @@ async def test_a_store_that_fails_to_build_keeps_the_previous_one_and_is_retried
     plugin: CountingPlugin, host: PluginHost, domain_dir: Path
 ) -> None:
     metrics = Metrics()
-    manager = RateLimitManager(metrics, host=host, clock=lambda: NOW)
+    manager = RateLimitReloader(metrics, host=host, clock=lambda: NOW)
     plugin.fail_build = True
     await manager.apply(section(), domain_dir)
     assert manager.limiter is None  # nothing to serve with yet: the service answers UNAVAILABLE
@@ -409,7 +409,7 @@ async def test_a_factory_returning_no_store_is_reported(domain_dir: Path) -> Non
         def build(self, config: CountingConfig, ctx: PluginContext) -> Any:
             return object()
 
-    manager = RateLimitManager(Metrics(), host=make_host(("bad", NotAStore())), clock=lambda: NOW)
+    manager = RateLimitReloader(Metrics(), host=make_host(("bad", NotAStore())), clock=lambda: NOW)
     await manager.apply(section(), domain_dir)
     assert manager.limiter is None
     assert manager.problems == [
@@ -432,7 +432,7 @@ def rl_request(value: str) -> Any:
 async def test_the_service_counts_in_the_plugin_store_and_reloads_it(
     plugin: CountingPlugin, host: PluginHost, domain_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manager_module, "_RETIRE_AFTER_S", 0.0)
+    monkeypatch.setattr(reloader_module, "_RETIRE_AFTER_S", 0.0)
     path = domain_dir / "extsvc.yaml"
     path.write_text(config_text(PLUGIN_STORE))
     async with running_server(path, host=host, reload_interval_s=0.05) as server, \

@@ -10,9 +10,9 @@ import pytest
 from extsvc.authz.convert import to_check_response
 from extsvc.authz.pipeline import CompiledPolicy, Outcome
 from extsvc.observability.metrics import Metrics
-from extsvc.testing import check_context
+from extsvc.testing import ScriptPlugin, check_context
 
-from .conftest import CompileYaml, ScriptPlugin
+from .conftest import CompileYaml
 
 
 async def policy_of(compile_yaml: CompileYaml, body: str) -> CompiledPolicy:
@@ -390,8 +390,8 @@ async def test_internal_error_follows_on_error(
 
 def test_a_reused_decision_is_scrubbed_for_each_policy_by_its_own_identity_headers() -> None:
     """Plugins return cached Decision objects; the scrub result is cached on them, per policy."""
-    from extsvc.authz.model import Decision
     from extsvc.config.model import Combine, OnError
+    from extsvc.plugin.check import Decision
 
     def policy(*identity: str) -> CompiledPolicy:
         deny = Decision.deny(403)
@@ -432,8 +432,8 @@ async def test_the_merge_of_reused_decisions_is_built_once_and_encoded_once(
 
 
 def test_the_merge_memo_is_keyed_by_both_decisions_and_bounded() -> None:
-    from extsvc.authz.model import Decision
     from extsvc.authz.pipeline import _Memo
+    from extsvc.plugin.check import Decision
 
     a, b, c = (Decision.allow(upstream_set={f"x-{n}": "1"}) for n in "abc")
     memo = _Memo(max_entries=2)

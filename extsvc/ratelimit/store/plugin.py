@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from extsvc.config.ratelimit import StoreSettings
 from extsvc.errors import ConfigError, StoreError
 from extsvc.plugin.context import PluginContext, PluginMetrics
 from extsvc.plugin.protocols import Startable
 from extsvc.ratelimit.algorithms import Op
-from extsvc.ratelimit.config import StoreSettings
 from extsvc.ratelimit.store import LimitStore
 
 if TYPE_CHECKING:

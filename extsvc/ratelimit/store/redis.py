@@ -25,9 +25,9 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from extsvc.config.ratelimit import StoreSettings, StoreType
 from extsvc.errors import StoreError
 from extsvc.ratelimit.algorithms import Op
-from extsvc.ratelimit.config import StoreSettings, StoreType
 from extsvc.ratelimit.store.resp import PipelinedRedis, RespError
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,20 @@
-"""Owns the rate-limit pieces across config reloads: the store, the domain files, the limiter.
+"""The rate-limit part of the reload layer: the store, the domain files and the serving limiter,
+kept across config reloads.
 
-The extsvc config's ``ratelimit:`` section is applied on every good load of that file; the domain
-files it names are polled (like the config file) and reloaded one by one. A file that breaks keeps
-its last good version serving, a duplicate domain is rejected naming both files, and the other
-domains are never affected. The store (and so the counters) is kept as long as its settings do not
-change; a replaced store is closed after the requests that use it had time to finish, and every
-store still open is closed at shutdown.
+The config's ``ratelimit:`` section is applied after every good load of that file
+(:class:`~extsvc.reload.provider.ConfigLoader` calls :meth:`RateLimitReloader.apply`); the domain
+files it names are checked at every tick of the reload layer's one poller
+(:class:`~extsvc.reload.provider.Poller`, which also checks the config file) and reloaded one by
+one. A file that breaks keeps its last good version serving, a duplicate domain is rejected
+naming both files, and the other domains are never affected. The store (and so the counters) is
+kept as long as its settings do not change; a replaced store is closed after the requests that use
+it had time to finish, and every store still open is closed at shutdown.
 
 A store a plugin provides (``type: plugin``) is built here, by its factory, after the config that
 names it was validated and swapped in. If the factory (or the store's ``start()``) fails, the rate
 limits keep serving with the previous store and settings (none on the first load: the service
 answers UNAVAILABLE), the failure is logged, counted as a config reload error and listed in
-:attr:`RateLimitManager.problems`, and the build is retried at every domain-file poll.
+:attr:`RateLimitReloader.problems`, and the build is retried at every poll.
 """
 
 from __future__ import annotations
@@ -26,22 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from extsvc.config.ratelimit import RateLimitSection, StoreSettings, StoreType
 from extsvc.errors import ConfigError
 from extsvc.ratelimit.config import (
     Domain,
     DomainFileError,
-    DomainSet,
-    RateLimitSection,
-    StoreSettings,
-    StoreType,
-    config_dir_of,
     domain_sources,
     merge_domains,
     parse_domain,
 )
 from extsvc.ratelimit.limiter import Limiter
 from extsvc.ratelimit.store import LimitStore
-from extsvc.ratelimit.store.memory import MemoryStore
+from extsvc.ratelimit.store.builtin import build_store
 from extsvc.ratelimit.store.plugin import build_plugin_store
 
 if TYPE_CHECKING:
@@ -52,17 +51,6 @@ log = logging.getLogger(__name__)
 _RETIRE_AFTER_S = 5.0
 
 
-def build_store(settings: StoreSettings, clock: Callable[[], float] = time.time) -> LimitStore:
-    """A built-in store (``type: plugin`` needs the plugin host: :class:`RateLimitManager`)."""
-    if settings.type is StoreType.PLUGIN:
-        raise ConfigError("ratelimit.store: a plugin store is built by RateLimitManager")
-    if settings.type is StoreType.MEMORY:
-        return MemoryStore(clock)
-    from extsvc.ratelimit.store.redis import build_redis_store  # only needs redis when used
-
-    return build_redis_store(settings)
-
-
 @dataclass
 class _File:
     stamp: tuple[int, int, int] | None
@@ -70,45 +58,28 @@ class _File:
     problems: list[str]
 
 
-def load_domains(section: RateLimitSection, base_dir: Path) -> tuple[DomainSet, list[str]]:
-    """Every domain file once, strictly (``extsvc validate``): the domains and all problems."""
-    problems: list[str] = []
-    parsed: list[Domain] = []
-    directory = config_dir_of(section, base_dir)
-    if directory is not None and not directory.is_dir():
-        problems.append(f"ratelimit.config_dir: {directory} is not a directory")
-    for path in domain_sources(section, base_dir):
-        try:
-            parsed.append(parse_domain(path.read_text(encoding="utf-8"), str(path)))
-        except OSError as exc:
-            problems.append(f"{path}: cannot read: {exc.strerror or exc}")
-        except DomainFileError as exc:
-            problems.extend(exc.problems)
-    merged = merge_domains(parsed)
-    return merged, problems + list(merged.problems)
+class RateLimitReloader:
+    """Owns :attr:`limiter`, the one the rate-limit service reads per request (a
+    :class:`~extsvc.ratelimit.service.LimiterSource`).
 
-
-class RateLimitManager:
-    """:param host: provides the ``type: plugin`` stores (without one, none can be selected)."""
+    :param host: provides the ``type: plugin`` stores (without one, none can be selected).
+    """
 
     def __init__(
         self,
         metrics: Any,
         *,
-        reload_interval_s: float = 1.0,
         clock: Callable[[], float] = time.time,
         host: PluginHost | None = None,
     ) -> None:
         self.limiter: Limiter | None = None
         self._metrics = metrics
         self._host = host
-        self._interval = reload_interval_s
         self._clock = clock
         self._section: RateLimitSection | None = None
         self._base_dir = Path()
         self._store: LimitStore | None = None
         self._files: dict[Path, _File] = {}
-        self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()  # set at shutdown: retired stores close at once
@@ -135,8 +106,6 @@ class RateLimitManager:
         async with self._lock:
             self._pending = None
             await self._apply(section, base_dir)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._watch(), name="ratelimit-watch")
 
     async def _apply(self, section: RateLimitSection | None, base_dir: Path) -> bool:
         """Whether ``section`` serves now (False: its store could not be built, see _pending)."""
@@ -187,7 +156,7 @@ class RateLimitManager:
 
     async def reload_now(self) -> bool:
         """Check the domain files now (and retry a store that failed to build); whether anything
-        changed."""
+        changed. The reload layer's poller calls it at every tick."""
         async with self._lock:
             if self._pending is not None and await self._apply(*self._pending):
                 return True
@@ -239,14 +208,6 @@ class RateLimitManager:
         log.info("rate-limit domains serving: %s", ", ".join(sorted(merged.domains)) or "none")
         return True
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.reload_now()
-            except Exception:  # the watcher must survive anything a file system does
-                log.exception("rate-limit domain reload failed")
-
     def _retire(self, store: LimitStore | None) -> None:
         if store is None:
             return
@@ -262,11 +223,6 @@ class RateLimitManager:
         task.add_done_callback(self._retiring.discard)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
         self._closing.set()
         await asyncio.gather(*self._retiring)
         self.limiter = None

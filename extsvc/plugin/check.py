@@ -1,7 +1,9 @@
 """The ext_authz value objects plugins see: :class:`CheckContext` in, :class:`Decision` out.
 
 They are small frozen dataclasses built once per request by :mod:`extsvc.authz.convert`; no
-protobuf type leaks past that module.
+protobuf type leaks past that module. They live with the plugin API (not in :mod:`extsvc.authz`)
+because the :class:`~extsvc.plugin.protocols.Authorizer` protocol speaks them, and the plugin API
+sits below the three protocol packages.
 """
 
 from __future__ import annotations
