@@ -1,4 +1,5 @@
-"""Route attachment: which HTTPRoute rules attach to which Gateway listener, hostnames, backends."""
+"""Route attachment: which HTTPRoute and GRPCRoute rules attach to which Gateway listener, with
+which hostnames and backends."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ class Entry:
     created: str
 
 
-#: HTTPRoute key -> (parentRef, Gateway namespace, Gateway name, Accepted reason), per parentRef.
-RouteParents = dict[tuple[str, str], list[tuple[model.ParentReference, str, str, str]]]
+#: route key (kind, namespace, name) -> (parentRef, Gateway namespace, Gateway name, Accepted
+#: reason), per parentRef.
+RouteParents = dict[tuple[str, str, str], list[tuple[model.ParentReference, str, str, str]]]
 
 
 def attach_routes(t: Context, gw_key: tuple[str, str], route_parents: RouteParents) -> dict[str, list[Entry]]:
@@ -70,10 +72,11 @@ def attach_routes(t: Context, gw_key: tuple[str, str], route_parents: RouteParen
     attached: dict[str, list[Entry]] = defaultdict(list)
     for r_key in sorted(t.routes):
         route = t.routes[r_key]
+        r_ns = r_key[1]
         for parent in route.spec.parent_refs:
             if (
                 parent.kind != "Gateway"
-                or (parent.namespace or r_key[0]) != gw_key[0]
+                or (parent.namespace or r_ns) != gw_key[0]
                 or parent.name != gw_key[1]
             ):
                 continue
@@ -81,7 +84,7 @@ def attach_routes(t: Context, gw_key: tuple[str, str], route_parents: RouteParen
             accepted_any = False
             for ln in listeners_for:
                 allowed = ln.allowed_routes.namespaces.from_
-                if allowed == "Same" and r_key[0] != gw_key[0]:
+                if allowed == "Same" and r_ns != gw_key[0]:
                     continue
                 if allowed == "Selector":
                     continue
@@ -98,22 +101,24 @@ def attach_routes(t: Context, gw_key: tuple[str, str], route_parents: RouteParen
     return attached
 
 
-def route_refs(t: Context, r_key: tuple[str, str]) -> bool:
+def route_refs(t: Context, r_key: tuple[str, str, str]) -> bool:
     """Whether every backendRef of the route resolves."""
     ok = True
-    for rule in t.routes[r_key].spec.rules:
+    route = t.routes[r_key]
+    for rule in route.spec.rules:
         for b in rule.backend_refs:
-            if backend(t, r_key[0], b)[1] is not None:
+            if backend(t, route, b)[1] is not None:
                 ok = False
     return ok
 
 
-def backend(t: Context, ns: str, b: model.BackendRef) -> tuple[str | None, str | None]:
-    """(cluster name, error) for one backendRef of a route in ``ns``."""
+def backend(t: Context, route: model.HTTPRoute, b: model.BackendRef) -> tuple[str | None, str | None]:
+    """(cluster name, error) for one backendRef of ``route``."""
     if b.kind != "Service" or b.group != "":
         return None, f"unsupported backend kind {b.kind}"
+    ns = route.metadata.namespace
     bns = b.namespace or ns
-    if not t.granted("HTTPRoute", GATEWAY_API, ns, "Service", "", bns, b.name):
+    if not t.granted(route.kind, GATEWAY_API, ns, "Service", "", bns, b.name):
         return None, f"backendRef {bns}/{b.name}: missing reference grant"
     if b.port is None:
         return None, f"backendRef {bns}/{b.name}: port is required"

@@ -32,7 +32,7 @@ class GatewayScope:
     policies: Sequence[Policy]  # the TrafficPolicies that target the Gateway (or its listeners)
     attached: Mapping[str, Sequence[Entry]]  # listener name -> the route entries attached there
     explains: list[RouteExplain]  # out: one per Envoy route
-    route_replaced: dict[tuple[str, str], dict[int, str]]  # out: route key -> rule index -> why
+    route_replaced: dict[tuple[str, str, str], dict[int, str]]  # out: route key -> rule -> why
 
     def section(self, ln: model.Listener) -> list[tuple[int, Policy]]:
         """The Gateway's policies that target this listener by sectionName (precedence 1)."""
@@ -223,14 +223,15 @@ def _route(
     route = e.route
     ns, name = route.metadata.namespace, route.metadata.name
     rule = route.spec.rules[e.rule_index]
-    rname = f"{ns}-{name}-rule-{e.rule_index}-match-{e.match_index}"
+    kind = "grpc-" if route.kind == "GRPCRoute" else ""  # an HTTPRoute may have the same name
+    rname = f"{kind}{ns}-{name}-rule-{e.rule_index}-match-{e.match_index}"
     match = envoy.route_match(rule.matches[e.match_index])
     # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route
     # (docs/internals/kgateway-translation.md §3.6).
     policies: list[tuple[int, Policy]] = []
     problems: list[str] = []
-    for p in t.targeting("HTTPRoute", ns, name):
-        for section in matches(p, "HTTPRoute", ns, name, route.metadata.labels):
+    for p in t.targeting(route.kind, ns, name):
+        for section in matches(p, route.kind, ns, name, route.metadata.labels):
             if section is None:
                 policies.append((0, p))
             elif section == rule.name:
@@ -256,13 +257,13 @@ def _route(
         gws = {(pr.namespace or ns, pr.name) for pr in route.spec.parent_refs}
         p.attached |= {g for g in gws if g in t.gateways}
     if problems:
-        scope.route_replaced[(ns, name)][e.rule_index] = "; ".join(problems)
+        scope.route_replaced[(route.kind, ns, name)][e.rule_index] = "; ".join(problems)
         return envoy.replaced_route(rname, match), {"": ("", "; ".join(problems))}
     cfg, origins, explain = per_filter(winners)
     note(cfg, winners)
     clusters: list[tuple[str, int]] = []
     for b in rule.backend_refs:
-        cname, _ = backend(t, ns, b)
+        cname, _ = backend(t, route, b)
         if cname is not None and b.weight > 0:
             clusters.append((cname, b.weight))
     modifier = next(

@@ -23,9 +23,23 @@ class Context:
         for obj in snapshot.objects:
             by[obj.kind][(obj.metadata.namespace, obj.metadata.name)] = obj
         self.gateways: dict[tuple[str, str], model.Gateway] = by["Gateway"]  # type: ignore[assignment]
-        self.routes: dict[tuple[str, str], model.HTTPRoute] = by["HTTPRoute"]  # type: ignore[assignment]
+        #: HTTPRoutes and GRPCRoutes (as routes), by (kind, namespace, name)
+        self.routes: dict[tuple[str, str, str], model.HTTPRoute] = {
+            ("HTTPRoute", *key): obj for key, obj in by["HTTPRoute"].items()  # type: ignore[misc]
+        }
+        for key, obj in by["GRPCRoute"].items():
+            assert isinstance(obj, model.GRPCRoute)
+            self.routes[("GRPCRoute", *key)] = obj.as_route()
         self.services: dict[tuple[str, str], model.Service] = by["Service"]  # type: ignore[assignment]
         self.secrets: dict[tuple[str, str], model.Secret] = by["Secret"]  # type: ignore[assignment]
+        #: a Service's EndpointSlices, by (namespace, Service name)
+        self.slices: dict[tuple[str, str], list[model.EndpointSlice]] = defaultdict(list)
+        for key in sorted(by["EndpointSlice"]):
+            eps = by["EndpointSlice"][key]
+            assert isinstance(eps, model.EndpointSlice)
+            service = eps.metadata.labels.get(model.SERVICE_NAME_LABEL)
+            if service:
+                self.slices[(eps.metadata.namespace, service)].append(eps)
         self.grants: list[model.ReferenceGrant] = list(by["ReferenceGrant"].values())  # type: ignore[arg-type]
         self.extensions: dict[tuple[str, str], model.GatewayExtension] = by["GatewayExtension"]  # type: ignore[assignment]
         self.clusters: dict[str, envoy.Cluster] = {}
@@ -122,11 +136,33 @@ class Context:
             endpoint = self.options.endpoints.get(f"{ns}/{name}:{port}") or self.options.endpoints.get(
                 f"{ns}/{name}"
             )
+            ready = self._ready_endpoints(ns, name, ports[0])
             if endpoint is not None:
                 self.clusters[cname] = envoy.cluster(
                     cname, endpoint[0], endpoint[1], http2=http2, static=True
                 )
+            elif ready is not None:  # the Service's EndpointSlices: its ready Pods, by address
+                self.clusters[cname] = envoy.static_cluster(cname, ready, http2=http2)
             else:
                 host = f"{name}.{ns}.svc.{self.options.cluster_domain}"
                 self.clusters[cname] = envoy.cluster(cname, host, port, http2=http2, static=False)
         return cname, None, http2
+
+    def _ready_endpoints(
+        self, ns: str, name: str, port: model.ServicePort
+    ) -> list[tuple[str, int]] | None:
+        """The ready addresses and target port of ``port`` in the Service's EndpointSlices; None
+        without slices (or none for this port): the cluster resolves the Service's DNS name."""
+        found: list[tuple[str, int]] | None = None
+        for eps in self.slices.get((ns, name), ()):
+            target = next(
+                (p.port for p in eps.ports or () if (p.name or None) == (port.name or None) and p.port),
+                None,
+            )
+            if target is None:
+                continue
+            found = found or []
+            for ep in eps.endpoints:
+                if ep.conditions.ready is not False:
+                    found.extend((address, target) for address in ep.addresses)
+        return sorted(set(found)) if found is not None else None

@@ -21,7 +21,10 @@ class Resources:
     listeners: list[envoy.Listener] = field(default_factory=list)
     secrets: dict[str, envoy.Secret] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # path -> content (with a secret_dir)
-    used_ports: dict[int, tuple[str, str]] = field(default_factory=dict)  # port -> Gateway key
+    #: port (or, with Options.per_gateway, (Gateway key, port)) -> the Gateway that has it
+    used_ports: dict[object, tuple[str, str]] = field(default_factory=dict)
+    #: each Gateway's listeners (what the xDS server sends the Envoys of that Gateway)
+    by_gateway: dict[tuple[str, str], list[envoy.Listener]] = field(default_factory=dict)
 
 
 def gateway_listeners(scope: GatewayScope, out: Resources) -> list[Condition]:
@@ -36,12 +39,15 @@ def gateway_listeners(scope: GatewayScope, out: Resources) -> list[Condition]:
         by_port[ln.port].append(ln)
     for port in sorted(by_port):
         group = by_port[port]
-        if port in out.used_ports or len({ln.protocol for ln in group}) > 1:
+        # one Envoy for every Gateway (render): a port is taken once; one per Gateway (xDS):
+        # only a Gateway's own listeners can conflict
+        port_key: object = (gw_key, port) if t.options.per_gateway else port
+        if port_key in out.used_ports or len({ln.protocol for ln in group}) > 1:
             gw_conditions.append(
                 Condition("Accepted", "False", "ListenersNotValid", f"port {port}: conflicting listeners")
             )
             continue
-        out.used_ports[port] = gw_key
+        out.used_ports[port_key] = gw_key
         bind = (
             t.options.listeners.get(f"{gw_key[0]}/{gw_key[1]}/{group[0].name}")
             or t.options.listeners.get(str(port))
@@ -53,7 +59,9 @@ def gateway_listeners(scope: GatewayScope, out: Resources) -> list[Condition]:
         else:
             chains = _tls_chains(scope, port, group, out, gw_conditions)
         if chains:
-            out.listeners.append(envoy.listener(f"listener~{port}", bind[0], bind[1], chains))
+            built = envoy.listener(f"listener~{port}", bind[0], bind[1], chains)
+            out.listeners.append(built)
+            out.by_gateway.setdefault(gw_key, []).append(built)
     return gw_conditions
 
 

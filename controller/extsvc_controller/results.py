@@ -40,6 +40,9 @@ class Options:
     # With a directory, TLS keys are files Envoy reads (Translation.files lists what to write
     # there), not bytes inlined in the bootstrap: keys stay out of generated config.
     secret_dir: str | None = None
+    # Each Gateway is served to its own Envoys (extsvc-controller run, over xDS): a port only
+    # conflicts within one Gateway, and Translation.gateways lists each one's listeners.
+    per_gateway: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,8 @@ class Translation:
     statuses: tuple[Status, ...]
     explain: tuple[RouteExplain, ...]
     files: tuple[tuple[str, bytes], ...] = ()  # (path, content) the bootstrap refers to
+    #: (Gateway key, its listeners), sorted: what each Gateway's Envoys get over xDS
+    gateways: tuple[tuple[tuple[str, str], tuple[envoy.Listener, ...]], ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -32,11 +32,14 @@ def gateway_status(gw: model.Gateway, gw_status: Status, gw_conditions: Sequence
 
 
 def route_statuses(
-    t: Context, route_parents: RouteParents, route_replaced: Mapping[tuple[str, str], Mapping[int, str]]
+    t: Context,
+    route_parents: RouteParents,
+    route_replaced: Mapping[tuple[str, str, str], Mapping[int, str]],
 ) -> None:
-    """Per HTTPRoute: Accepted per parentRef, ResolvedRefs, and the rules replaced by a 500."""
+    """Per HTTPRoute and GRPCRoute: Accepted per parentRef, ResolvedRefs, and the rules replaced
+    by a 500."""
     for r_key in sorted(t.routes):
-        st = t.status("HTTPRoute", *r_key)
+        st = t.status(*r_key)
         for parent, gns, gname, reason in route_parents.get(r_key, []):
             st.conditions.append(
                 Condition(

@@ -65,7 +65,7 @@ def _translate(snapshot: Snapshot, options: Options | None) -> Translation:
     construct(t)
     out = Resources()
     explains: list[RouteExplain] = []
-    route_replaced: dict[tuple[str, str], dict[int, str]] = defaultdict(dict)
+    route_replaced: dict[tuple[str, str, str], dict[int, str]] = defaultdict(dict)
     route_parents: RouteParents = defaultdict(list)
     for gw_key in sorted(t.gateways):
         gw = t.gateways[gw_key]
@@ -85,4 +85,5 @@ def _translate(snapshot: Snapshot, options: Options | None) -> Translation:
     secrets = [out.secrets[k] for k in sorted(out.secrets)]
     boot = envoy.bootstrap(t.options.admin, out.listeners, cluster_list, secrets)
     statuses = tuple(t.statuses[k] for k in sorted(t.statuses))
-    return Translation(boot, statuses, tuple(explains), tuple(sorted(out.files.items())))
+    gateways = tuple((key, tuple(out.by_gateway.get(key, ()))) for key in sorted(t.gateways))
+    return Translation(boot, statuses, tuple(explains), tuple(sorted(out.files.items())), gateways)

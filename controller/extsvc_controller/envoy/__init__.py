@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from envoy_data_plane.google.protobuf import Any
 
-from .clusters import cluster, grpc_service
+from .clusters import cluster, grpc_service, static_cluster
 from .ext_auth import ext_authz_filter, ext_authz_per_route
 from .ext_proc import ext_proc_filter, ext_proc_per_route
 from .hcm import disable_filter, http_connection_manager, router_filter
@@ -105,6 +105,7 @@ __all__ = [
     "route_configuration",
     "route_match",
     "router_filter",
+    "static_cluster",
     "tls_secret",
     "tls_secret_files",
     "to_dict",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any as TAny
 
@@ -34,6 +35,15 @@ from .packing import pack
 
 def cluster(name: str, host: str, port: int, *, http2: bool, static: bool) -> Cluster:
     """A cluster for one Service port; STATIC for an IP (``--endpoints``), STRICT_DNS otherwise."""
+    built = static_cluster(name, [(host, port)], http2=http2)
+    if not static:
+        built.type = ClusterDiscoveryType.STRICT_DNS
+        built.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED
+    return built
+
+
+def static_cluster(name: str, endpoints: Sequence[tuple[str, int]], *, http2: bool) -> Cluster:
+    """A STATIC cluster of addresses (a Service's EndpointSlices; over xDS, sent as EDS)."""
     options = {}
     if http2:
         # docs/internals/envoy-behaviour.md §1.1: a gRPC extension cluster must speak HTTP/2.
@@ -46,15 +56,18 @@ def cluster(name: str, host: str, port: int, *, http2: bool, static: bool) -> Cl
         )
     return Cluster(
         name=name,
-        type=ClusterDiscoveryType.STATIC if static else ClusterDiscoveryType.STRICT_DNS,
-        dns_lookup_family=ClusterDnsLookupFamily.AUTO if static else ClusterDnsLookupFamily.V4_PREFERRED,
+        type=ClusterDiscoveryType.STATIC,
+        dns_lookup_family=ClusterDnsLookupFamily.AUTO,
         connect_timeout=timedelta(seconds=5),
         typed_extension_protocol_options=options,
         load_assignment=ClusterLoadAssignment(
             cluster_name=name,
             endpoints=[
                 LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=address(host, port)))]
+                    lb_endpoints=[
+                        LbEndpoint(endpoint=Endpoint(address=address(host, port)))
+                        for host, port in endpoints
+                    ]
                 )
             ],
         ),

@@ -27,6 +27,8 @@ from .base import (
     Metadata,
 )
 from .core import (
+    SERVICE_NAME_LABEL,
+    EndpointSlice,
     Secret,
     Service,
     ServicePort,
@@ -39,6 +41,7 @@ from .gateway_api import (
     GatewaySpec,
     GrantFrom,
     GrantTo,
+    GRPCRoute,
     HeaderMatch,
     HeaderModifier,
     HeaderValue,
@@ -105,6 +108,7 @@ __all__ = [
     "GATEWAY_API",
     "KGATEWAY",
     "SECURITY_SECTIONS",
+    "SERVICE_NAME_LABEL",
     "UNSUPPORTED_SECTIONS",
     "AllowedRoutes",
     "AuthorizationRequest",
@@ -116,6 +120,7 @@ __all__ = [
     "DescriptorEntry",
     "Duration",
     "Empty",
+    "EndpointSlice",
     "ExtAuthPolicy",
     "ExtAuthProvider",
     "ExtBackendRef",
@@ -125,6 +130,7 @@ __all__ = [
     "ExtProcProvider",
     "ExtSvcRetry",
     "FilterStage",
+    "GRPCRoute",
     "Gateway",
     "GatewayExtension",
     "GatewayExtensionSpec",
@@ -177,13 +183,25 @@ __all__ = [
     "parse_targeting",
 ]
 
-Object = Gateway | HTTPRoute | Service | Secret | ReferenceGrant | GatewayExtension | TrafficPolicy
+Object = (
+    Gateway
+    | HTTPRoute
+    | GRPCRoute
+    | Service
+    | Secret
+    | EndpointSlice
+    | ReferenceGrant
+    | GatewayExtension
+    | TrafficPolicy
+)
 
 _KINDS: dict[str, type[BaseModel]] = {
     "Gateway": Gateway,
     "HTTPRoute": HTTPRoute,
+    "GRPCRoute": GRPCRoute,
     "Service": Service,
     "Secret": Secret,
+    "EndpointSlice": EndpointSlice,
     "ReferenceGrant": ReferenceGrant,
     "GatewayExtension": GatewayExtension,
     "TrafficPolicy": TrafficPolicy,

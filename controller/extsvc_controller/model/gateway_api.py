@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field
@@ -122,9 +123,80 @@ class HTTPRouteSpec(_Open):
 
 
 class HTTPRoute(_Open):
-    kind: Literal["HTTPRoute"]
+    """An HTTPRoute; also the translator's view of a GRPCRoute (:meth:`GRPCRoute.as_route`), whose
+    ``kind`` then stays ``GRPCRoute`` for its status and the policies that target it."""
+
+    kind: Literal["HTTPRoute", "GRPCRoute"]
     metadata: Metadata
     spec: HTTPRouteSpec
+
+
+class GRPCMethodMatch(_Open):
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    service: str | None = Field(None, max_length=1024)
+    method: str | None = Field(None, max_length=1024)
+
+
+class GRPCRouteMatch(_Open):
+    method: GRPCMethodMatch | None = None
+    headers: list[HeaderMatch] = Field(default_factory=list)
+
+
+class GRPCRouteRule(_Open):
+    name: str | None = None
+    matches: list[GRPCRouteMatch] = Field(default_factory=lambda: [GRPCRouteMatch()])
+    filters: list[RouteFilter] = Field(default_factory=list)
+    backend_refs: list[BackendRef] = Field(default_factory=list)
+
+
+class GRPCRouteSpec(_Open):
+    parent_refs: list[ParentReference] = Field(default_factory=list)
+    hostnames: list[str] = Field(default_factory=list)
+    rules: list[GRPCRouteRule] = Field(default_factory=lambda: [GRPCRouteRule()])
+
+
+class GRPCRoute(_Open):
+    """A GRPCRoute: gRPC calls are HTTP/2 requests to ``/<service>/<method>``, so each method
+    match becomes a path match and the rest is an HTTPRoute's (Gateway API's GRPCRoute spec)."""
+
+    kind: Literal["GRPCRoute"]
+    metadata: Metadata
+    spec: GRPCRouteSpec
+
+    def as_route(self) -> HTTPRoute:
+        rules = [
+            RouteRule(
+                name=rule.name,
+                matches=[_grpc_match(m) for m in rule.matches],
+                filters=rule.filters,
+                backend_refs=rule.backend_refs,
+            )
+            for rule in self.spec.rules
+        ]
+        return HTTPRoute(
+            kind="GRPCRoute",
+            metadata=self.metadata,
+            spec=HTTPRouteSpec(
+                parent_refs=self.spec.parent_refs, hostnames=self.spec.hostnames, rules=rules
+            ),
+        )
+
+
+def _grpc_match(match: GRPCRouteMatch) -> RouteMatch:
+    method = match.method
+    if method is None or (method.service is None and method.method is None):
+        path = PathMatch(type="PathPrefix", value="/")
+    elif method.type == "RegularExpression":
+        path = PathMatch(
+            type="RegularExpression", value=f"/{method.service or '[^/]+'}/{method.method or '[^/]+'}"
+        )
+    elif method.method is None:
+        path = PathMatch(type="PathPrefix", value=f"/{method.service}")
+    elif method.service is None:
+        path = PathMatch(type="RegularExpression", value=f"/[^/]+/{re.escape(method.method)}")
+    else:
+        path = PathMatch(type="Exact", value=f"/{method.service}/{method.method}")
+    return RouteMatch(path=path, headers=match.headers)
 
 
 class GrantFrom(_Open):

@@ -36,9 +36,11 @@ _STDIN_NAME = "<stdin>"
 _GROUPS = {
     "Gateway": GATEWAY_API,
     "HTTPRoute": GATEWAY_API,
+    "GRPCRoute": GATEWAY_API,
     "ReferenceGrant": GATEWAY_API,
     "Service": "",
     "Secret": "",
+    "EndpointSlice": "discovery.k8s.io",
     "GatewayExtension": KGATEWAY,
     "TrafficPolicy": KGATEWAY,
 }
@@ -59,7 +61,8 @@ def describe(exc: OSError) -> str:
     return (exc.strerror or str(exc)).lower()
 
 
-def _files(paths: Iterable[Path], warnings: list[str]) -> list[Path]:
+def manifest_files(paths: Iterable[Path], warnings: list[str]) -> list[Path]:
+    """The files ``paths`` name, directories searched for *.yaml / *.yml (sorted)."""
     out: list[Path] = []
     for path in paths:
         if path == STDIN:
@@ -180,7 +183,7 @@ def read(paths: Iterable[Path], stdin: TextIO | None = None) -> Manifests:
     warnings: list[str] = []
     docs: list[dict[str, Any]] = []
     seen: set[Path] = set()
-    for path in _files(paths, warnings):
+    for path in manifest_files(paths, warnings):
         if path in seen:
             continue
         seen.add(path)
