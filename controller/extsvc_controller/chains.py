@@ -12,7 +12,7 @@ from .attach import Entry, backend, hostnames, precedence
 from .context import Context
 from .explain import explain_route
 from .model import KGATEWAY
-from .policies import STAGES, Policy, Provider, matches, merge, per_filter
+from .policies import FIELDS, STAGES, Policy, Provider, matches, merge, per_filter
 from .results import Condition, RouteExplain, Status
 
 #: What a scope's ``note`` call records: (per-filter config, winning policy per field).
@@ -86,7 +86,7 @@ def chain(scope: GatewayScope, rc_name: str, group: Sequence[model.Listener], *,
     # RouteConfiguration scope: the whole Gateway (HTTPS: merged with the listener, which wins).
     rc_scope = scope.whole() + (scope.section(group[0]) if https else [])
     rc_winners, rc_invalid = merge(rc_scope)
-    rc_cfg, rc_origins, rc_explain = per_filter(rc_winners)
+    rc_cfg, rc_origins, rc_explain = scoped_config(scope.t, rc_winners)
     for _, p in rc_scope:
         p.attached.add(scope.key)
     if rc_invalid:
@@ -144,7 +144,7 @@ def _virtual_hosts(
     vh_winners, vh_invalid = merge(vh_scope)
     for _, p in vh_scope:
         p.attached.add(scope.key)
-    vh_cfg, vh_origins, vh_explain = per_filter(vh_winners)
+    vh_cfg, vh_origins, vh_explain = scoped_config(scope.t, vh_winners)
     if vh_invalid:
         scope.status.conditions.append(
             Condition("Accepted", "False", "ListenerReplaced", f"listener {ln.name}: " + _invalid(vh_invalid))
@@ -225,7 +225,7 @@ def _route(
     rule = route.spec.rules[e.rule_index]
     kind = "grpc-" if route.kind == "GRPCRoute" else ""  # an HTTPRoute may have the same name
     rname = f"{kind}{ns}-{name}-rule-{e.rule_index}-match-{e.match_index}"
-    match = envoy.route_match(rule.matches[e.match_index])
+    match = _route_match(t, rule.matches[e.match_index])
     # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route
     # (docs/internals/kgateway-translation.md §3.6).
     policies: list[tuple[int, Policy]] = []
@@ -259,14 +259,61 @@ def _route(
     if problems:
         scope.route_replaced[(route.kind, ns, name)][e.rule_index] = "; ".join(problems)
         return envoy.replaced_route(rname, match), {"": ("", "; ".join(problems))}
-    cfg, origins, explain = per_filter(winners)
-    note(cfg, winners)
     clusters: list[tuple[str, int]] = []
     for b in rule.backend_refs:
         cname, _ = backend(t, route, b)
         if cname is not None and b.weight > 0:
             clusters.append((cname, b.weight))
+    # The same route object, rule, clusters and winning policy objects as in an earlier
+    # translation build the same Envoy route (see .memo): reuse it.
+    key: tuple[object, ...] | None = None
+    if t.memo is not None:
+        key = (rname, id(route), e.rule_index, e.match_index, tuple(clusters), _winners_key(winners))
+        hit = t.memo.routes.get(key)
+        if hit is not None:
+            built, cfg, explain = hit[:3]
+            note(cfg, winners)
+            return built, dict(explain)
+    cfg, origins, explain = scoped_config(t, winners)
+    note(cfg, winners)
     modifier = next(
         (f.request_header_modifier for f in rule.filters if f.type == "RequestHeaderModifier"), None
     )
-    return envoy.route(rname, match, clusters, cfg, envoy.header_options(modifier), origins), explain
+    built = envoy.route(rname, match, clusters, cfg, envoy.header_options(modifier), origins)
+    if key is not None and t.memo is not None:
+        # the objects the key names by id stay alive with the entry
+        t.memo.routes.put(key, (built, cfg, dict(explain), route, [p.spec for p in winners.values()]))
+    return built, explain
+
+
+def _winners_key(winners: Mapping[str, Policy]) -> tuple[object, ...]:
+    return tuple(
+        (name, id(p.spec), p.ref, tuple(sorted((k, v.name) for k, v in p.providers.items())))
+        for name, p in sorted(winners.items())
+    )
+
+
+def scoped_config(
+    t: Context, winners: Mapping[str, Policy]
+) -> tuple[dict[str, envoy.Any], dict[str, list[str]], dict[str, tuple[str, str]]]:
+    """:func:`~.policies.per_filter`, once per set of winning policies in a translation (the rules
+    of a route, and routes with the same policies, share it); each caller gets its own dicts."""
+    key = tuple(id(winners.get(name)) for name in FIELDS)
+    found = t.per_filter_memo.get(key)
+    if found is None:
+        found = t.per_filter_memo[key] = per_filter(winners)
+    config, origins, explain = found
+    return dict(config), {k: list(v) for k, v in origins.items()}, dict(explain)
+
+
+def _route_match(t: Context, match: model.RouteMatch) -> envoy.RouteMatch:
+    """Envoy's match for a rule match, once across builds for the same match object."""
+    if t.memo is None:
+        return envoy.route_match(match)
+    key = ("match", id(match))
+    hit = t.memo.routes.get(key)
+    if hit is None or hit[0] is not match:
+        hit = (match, envoy.route_match(match))
+        t.memo.routes.put(key, hit)
+    built: envoy.RouteMatch = hit[1]
+    return built

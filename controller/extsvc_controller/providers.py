@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import envoy, model
 from .context import Context
 from .model import KGATEWAY
@@ -72,30 +74,45 @@ def provider(t: Context, policy: Policy, ref: model.NamespacedRef, kind: str) ->
         )
     weight = policy_weight(ext.metadata)
     if kind == "ExtAuth":
-        assert spec.ext_auth is not None
+        auth = spec.ext_auth
+        assert auth is not None
         return Provider(
             name,
             kind,
             (STAGES["AuthN"] * 3, 0, -weight, name),
-            envoy.ext_authz_filter(name, spec.ext_auth, cname),
+            _filter(t, name, cname, lambda: envoy.ext_authz_filter(name, auth, cname)),
         )
     if kind == "ExtProc":
-        assert spec.ext_proc is not None
-        stage = spec.ext_proc.filter_stage or model.FilterStage(stage="AuthZ", predicate="After")
+        proc = spec.ext_proc
+        assert proc is not None
+        stage = proc.filter_stage or model.FilterStage(stage="AuthZ", predicate="After")
         if stage.stage == "Route" and stage.predicate == "After":
             policy.warnings.append(
                 f"{name}: filterStage Route/After (upstream filter) is not supported; "
                 "placed just before the router"
             )
         key = (STAGES[stage.stage] * 3 + PREDICATE[stage.predicate], 1, -stage.weight, name)
-        return Provider(name, kind, key, envoy.ext_proc_filter(name, spec.ext_proc, cname))
-    assert spec.rate_limit is not None
+        return Provider(
+            name, kind, key,
+            _filter(t, name, cname, lambda: envoy.ext_proc_filter(name, proc, cname)),
+        )
+    limit = spec.rate_limit
+    assert limit is not None
     return Provider(
         name,
         kind,
         (STAGES["RateLimit"] * 3, 2, 0, name),
-        envoy.ratelimit_filter(name, spec.rate_limit, cname),
+        _filter(t, name, cname, lambda: envoy.ratelimit_filter(name, limit, cname)),
     )
+
+
+def _filter(t: Context, name: str, cluster: str, build: Callable[[], envoy.HttpFilter]) -> envoy.HttpFilter:
+    """One GatewayExtension's filter, built once per translation (every policy using it shares it)."""
+    key = (name, cluster)
+    built = t.provider_filters.get(key)
+    if built is None:
+        built = t.provider_filters[key] = build()
+    return built
 
 
 def construct(t: Context) -> None:

@@ -14,6 +14,7 @@ that its ``Any`` can be parsed.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import ipaddress
 import pkgutil
@@ -25,6 +26,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from .envoy import output
+from .memo import Memo
 from .results import Translation
 
 #: A dynamic resource fetched over the ADS stream the bootstrap opened.
@@ -50,12 +52,16 @@ class GatewayResources:
         default_factory=lambda: {t: {} for t in TYPE_ORDER}
     )
 
-    def messages(self) -> dict[str, dict[str, Message]]:
-        """The same resources as xds-protos messages (what the ADS server sends)."""
-        return {
-            type_url: {name: to_message(type_url, body) for name, body in sorted(items.items())}
-            for type_url, items in self.by_type.items()
-        }
+    def messages(self, memo: Memo | None = None) -> dict[str, dict[str, Message]]:
+        """The same resources as xds-protos messages (what the ADS server sends); with ``memo``,
+        route entries written in an earlier build are not parsed again (see :mod:`.memo`)."""
+        out: dict[str, dict[str, Message]] = {}
+        for type_url, items in self.by_type.items():
+            convert = to_message
+            if type_url == ROUTES and memo is not None:
+                convert = functools.partial(_route_table, memo=memo)
+            out[type_url] = {name: convert(type_url, body) for name, body in sorted(items.items())}
+        return out
 
 
 def group_name(key: tuple[str, str]) -> str:
@@ -63,8 +69,11 @@ def group_name(key: tuple[str, str]) -> str:
     return f"{key[0]}/{key[1]}"
 
 
-def split(translation: Translation) -> dict[str, GatewayResources]:
-    """Each Gateway's xDS resources (the translation must come from ``Options(per_gateway=True)``)."""
+def split(translation: Translation, memo: Memo | None = None) -> dict[str, GatewayResources]:
+    """Each Gateway's xDS resources (the translation must come from ``Options(per_gateway=True)``).
+
+    ``memo``: Route objects written in an earlier build keep their dicts (:func:`.envoy.output.routes_memo`).
+    """
     static = translation.bootstrap.static_resources
     assert static is not None  # the translator always fills it
     clusters = {c.name: output.to_dict(c) for c in static.clusters}
@@ -73,13 +82,14 @@ def split(translation: Translation) -> dict[str, GatewayResources]:
     for key, listeners in translation.gateways:
         res = GatewayResources()
         for listener in listeners:
-            body = output.to_dict(listener)
+            with output.routes_memo(memo):
+                body = output.to_dict(listener)
             for chain in body.get("filter_chains", []):
                 for flt in chain.get("filters", []):
                     _route_by_name(flt, res)
                 _secrets_by_ads(chain)
             res.by_type[LISTENER][body["name"]] = body
-        named = set(_strings(res.by_type[LISTENER])) | set(_strings(res.by_type[ROUTES]))
+        named = set(_strings(res.by_type[LISTENER])) | _table_strings(res.by_type[ROUTES], memo)
         for name in sorted(named & clusters.keys()):
             cluster, endpoints = _discovered(clusters[name])
             res.by_type[CLUSTER][name] = cluster
@@ -136,6 +146,27 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def _table_strings(tables: Mapping[str, Any], memo: Memo | None) -> set[str]:
+    """The strings of route tables; a route's (the same dict as last build when it did not
+    change) are collected once across builds."""
+    found: set[str] = set()
+    for table in tables.values():
+        for vh in table.get("virtual_hosts", []):
+            found.update(_strings({k: v for k, v in vh.items() if k != "routes"}))
+            for entry in vh.get("routes", []):
+                if memo is None:
+                    found.update(_strings(entry))
+                    continue
+                key = ("strings", id(entry))
+                hit = memo.get(key)
+                if hit is None or hit[0] is not entry:
+                    hit = (entry, frozenset(_strings(entry)))
+                    memo.put(key, hit)
+                found.update(hit[1])
+        found.update(_strings({k: v for k, v in table.items() if k != "virtual_hosts"}))
+    return found
+
+
 def _strings(value: Any) -> Iterator[str]:
     """Every string in a proto-JSON tree (names refer to clusters and secrets by value)."""
     if isinstance(value, str):
@@ -159,6 +190,24 @@ def to_message(type_url: str, body: Mapping[str, Any]) -> Message:
     message = cls()
     json_format.ParseDict(body, message)
     return message
+
+
+def _route_table(type_url: str, body: Mapping[str, Any], memo: Memo) -> Message:
+    """A RouteConfiguration whose routes are parsed once each across builds: the table is parsed
+    without its routes, then each route dict (the same object as last build when the route did
+    not change) is taken from ``memo`` or parsed."""
+    hosts = body.get("virtual_hosts", [])
+    shell = {**body, "virtual_hosts": [{**vh, "routes": []} for vh in hosts]}
+    table = to_message(type_url, shell)
+    route_url = "type.googleapis.com/envoy.config.route.v3.Route"
+    for vh_message, vh in zip(table.virtual_hosts, hosts, strict=True):
+        for entry in vh.get("routes", []):
+            hit = memo.get(id(entry))
+            if hit is None or hit[0] is not entry:
+                hit = (entry, to_message(route_url, entry))
+                memo.put(id(entry), hit)
+            vh_message.routes.append(hit[1])
+    return table
 
 
 def _message_class(type_url: str) -> type[Message]:

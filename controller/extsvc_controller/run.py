@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .memo import BuildMemo
 from .publish import split
 from .results import Options, Snapshot, Translation
 from .sources import files
@@ -32,7 +33,7 @@ from .xds.cache import SnapshotCache, XdsSnapshot
 log = logging.getLogger(__name__)
 
 #: seconds of quiet after a change before a snapshot is built ...
-DEBOUNCE_S = 0.1
+DEBOUNCE_S = 0.05
 #: ... but never later than this after the first change of a burst
 MAX_DELAY_S = 1.0
 
@@ -132,6 +133,7 @@ class FolderSource:
     async def run(self) -> None:
         while True:
             if await asyncio.to_thread(self.check):
+                log.debug("manifests changed")
                 self.on_change()
             await asyncio.sleep(self._interval)
 
@@ -159,7 +161,10 @@ class Controller:
         self._changed = asyncio.Event()
         self.built = asyncio.Event()  # set after the first snapshot was published
         self.generation = 0
-        self.last_translation: Translation | None = None
+        #: what one build keeps for the next (unchanged routes are not built again)
+        self._memo = BuildMemo()
+        self._writer: asyncio.Task[None] | None = None
+        self._waiting: Translation | None = None
 
     def changed(self) -> None:
         """Something in the source changed (called by the source, on the event loop)."""
@@ -179,6 +184,7 @@ class Controller:
                 except TimeoutError:
                     break
             self._changed.clear()
+            log.debug("building a snapshot")
             await self.build()
 
     async def build(self) -> bool:
@@ -186,7 +192,7 @@ class Controller:
         snapshot = self._snapshot()
         began = time.perf_counter()
         try:
-            translation, resources = await asyncio.to_thread(self._translate, snapshot)
+            translation, resources = await asyncio.to_thread(self.translate_snapshot, snapshot)
         except Exception:  # a translator bug must not stop the control plane: keep the last good
             self._metrics.builds.labels("error").inc()
             log.exception("snapshot not built (the last good config keeps serving)")
@@ -202,7 +208,6 @@ class Controller:
         self._metrics.build_seconds.observe(time.perf_counter() - began)
         _count(self._metrics, snapshot)
         self.generation += 1
-        self.last_translation = translation
         log.info(
             "snapshot %d: %d objects (%d invalid), %d Gateways, %d changed, in %.0f ms",
             self.generation, len(snapshot.objects), len(snapshot.invalid), len(resources), changed,
@@ -210,16 +215,38 @@ class Controller:
         )
         self.built.set()
         if self._sink is not None:
+            self._statuses_for(translation)
+        return True
+
+    def _statuses_for(self, translation: Translation) -> None:
+        """Hand the statuses to the sink in a task of their own: writing 2,000 statuses to an API
+        server takes seconds, and the next snapshot must not wait for them. While a write runs,
+        only the newest translation waits (older ones are superseded)."""
+        self._waiting = translation
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_statuses())
+
+    async def _write_statuses(self) -> None:
+        assert self._sink is not None
+        while self._waiting is not None:
+            translation, self._waiting = self._waiting, None
             try:
                 await self._sink(translation)
             except Exception:
-                log.exception("statuses not written")
-        return True
+                log.exception("statuses not written (the next snapshot writes them again)")
 
-    def _translate(self, snapshot: Snapshot) -> tuple[Translation, dict[str, XdsSnapshot]]:
-        translation = translate(snapshot, self.options)
+    async def statuses_written(self) -> None:
+        """Wait until the statuses of the newest snapshot are written (tests, shutdown)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.wait({self._writer})
+
+    def translate_snapshot(self, snapshot: Snapshot) -> tuple[Translation, dict[str, XdsSnapshot]]:
+        self._memo.next_build()
+        translation = translate(snapshot, self.options, self._memo)
         return translation, {
-            group: XdsSnapshot(res.messages()) for group, res in split(translation).items()
+            # the messages are built for the snapshot alone: it keeps them without a copy
+            group: XdsSnapshot(res.messages(self._memo.messages), copy_messages=False)
+            for group, res in split(translation, self._memo.dicts).items()
         }
 
 

@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="folder mode: keep the statuses in FILE (YAML, as render --status writes them)")
     p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
                    help="folder mode: seconds between looks at the files (default: %(default)s)")
-    p.add_argument("--debounce", type=float, default=0.1, metavar="S",
+    p.add_argument("--debounce", type=float, default=0.05, metavar="S",
                    help="seconds of quiet after a change before a snapshot is built (default: %(default)s)")
     p.add_argument("--controller-name", default="extsvc.dev/controller", metavar="NAME",
                    help="the controllerName written in route and policy statuses (default: %(default)s)")
@@ -75,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("httpx", "httpx2", "httpcore"):  # a line per API request is not news
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     base = Options(
         cluster_domain=args.cluster_domain, strict_reference_grants=args.strict_reference_grants
     )

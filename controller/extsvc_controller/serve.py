@@ -17,7 +17,15 @@ from prometheus_client import CollectorRegistry
 
 from .admin import AdminServer
 from .results import Options, Snapshot
-from .run import Controller, ControllerMetrics, FolderSource, StatusSink, cancel_all, status_file_sink
+from .run import (
+    DEBOUNCE_S,
+    Controller,
+    ControllerMetrics,
+    FolderSource,
+    StatusSink,
+    cancel_all,
+    status_file_sink,
+)
 from .xds.cache import SnapshotCache
 from .xds.server import serve_xds
 
@@ -37,7 +45,7 @@ class RunConfig:
     admin_address: tuple[str, int] = ("0.0.0.0", 9902)  # noqa: S104 (kubelet probes, scrapes)
     status_file: Path | None = None  # folder mode
     poll_interval_s: float = 1.0
-    debounce_s: float = 0.1
+    debounce_s: float = DEBOUNCE_S
     controller_name: str = "extsvc.dev/controller"
     leader_election: bool = True
     lease_namespace: str = "default"
@@ -110,6 +118,8 @@ class Running:
         is left, then close the servers and clients."""
         if self._loop_task is not None:
             await cancel_all([self._loop_task])
+        if self.controller is not None and self.controller._writer is not None:
+            await cancel_all([self.controller._writer])
         for stop in self.stops:
             with contextlib.suppress(Exception):
                 stop()

@@ -25,6 +25,7 @@ from .attach import RouteParents, attach_routes
 from .chains import GatewayScope
 from .context import Context
 from .listeners import Resources, gateway_listeners
+from .memo import BuildMemo
 from .policies import matches
 from .providers import construct
 from .results import (
@@ -54,14 +55,20 @@ __all__ = [
 ]
 
 
-def translate(snapshot: Snapshot, options: Options | None = None) -> Translation:
-    """Translate ``snapshot`` into an Envoy bootstrap, a status per object and the explain data."""
+def translate(
+    snapshot: Snapshot, options: Options | None = None, memo: BuildMemo | None = None
+) -> Translation:
+    """Translate ``snapshot`` into an Envoy bootstrap, a status per object and the explain data.
+
+    ``memo`` (the live controller's): reuse the routes an earlier translation built from the same
+    objects (:mod:`.memo`); the output is the same as without it.
+    """
     with envoy.no_gc():
-        return _translate(snapshot, options)
+        return _translate(snapshot, options, memo)
 
 
-def _translate(snapshot: Snapshot, options: Options | None) -> Translation:
-    t = Context(snapshot, options or Options())
+def _translate(snapshot: Snapshot, options: Options | None, memo: BuildMemo | None) -> Translation:
+    t = Context(snapshot, options or Options(), memo)
     construct(t)
     out = Resources()
     explains: list[RouteExplain] = []

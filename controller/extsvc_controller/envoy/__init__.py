@@ -21,7 +21,7 @@ from __future__ import annotations
 from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.route.v3 import Route, RouteConfiguration, VirtualHost
+from envoy_data_plane.envoy.config.route.v3 import Route, RouteConfiguration, RouteMatch, VirtualHost
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import HttpFilter
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import Secret
 from envoy_data_plane.google.protobuf import Any
@@ -77,6 +77,7 @@ __all__ = [
     "Listener",
     "Route",
     "RouteConfiguration",
+    "RouteMatch",
     "Secret",
     "TypedAny",
     "VirtualHost",

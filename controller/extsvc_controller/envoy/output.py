@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any as TAny
 
 import betterproto2
 import yaml
+from envoy_data_plane.envoy.config.route.v3 import Route
 from envoy_data_plane.google.protobuf import Any
 
+from ..memo import Memo
 from .packing import TypedAny
 
 # Field kinds for the walker (betterproto2's proto types, grouped by how proto-JSON writes them).
@@ -85,6 +88,22 @@ def _plan(cls: type[betterproto2.Message]) -> tuple[tuple[str, str, str, _Conver
     return tuple(out)
 
 
+#: while :func:`routes_memo` is active: Route objects already written (by id) -> (route, dict)
+_ROUTES: Memo | None = None
+
+
+@contextlib.contextmanager
+def routes_memo(memo: Memo | None) -> Iterator[None]:
+    """Write each Route object once across builds (the live controller reuses unchanged routes,
+    see :mod:`..memo`); the dicts written are shared, so callers must not change them."""
+    global _ROUTES
+    previous, _ROUTES = _ROUTES, memo
+    try:
+        yield
+    finally:
+        _ROUTES = previous
+
+
 def _plain(message: betterproto2.Message) -> TAny:
     """One message as proto-JSON with the proto field names, written straight from the dataclass.
 
@@ -93,6 +112,13 @@ def _plain(message: betterproto2.Message) -> TAny:
     with betterproto2's own output).
     """
     cls = type(message)
+    if cls is Route and _ROUTES is not None:
+        hit = _ROUTES.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        written = _fields(message, cls)
+        _ROUTES.put(id(message), (message, written))
+        return written
     if cls is TypedAny:
         assert isinstance(message, TypedAny)
         inner = message.message
@@ -105,6 +131,10 @@ def _plain(message: betterproto2.Message) -> TAny:
         if cls is Any and not message.type_url:  # type: ignore[attr-defined]
             return {}  # Envoy's YAML loader wants an empty Any written as {}
         return message.to_dict(casing=betterproto2.Casing.SNAKE)
+    return _fields(message, cls)
+
+
+def _fields(message: betterproto2.Message, cls: type[betterproto2.Message]) -> dict[str, TAny]:
     out: dict[str, TAny] = {}
     for name, key, shape, convert, convert_key in _plan(cls):
         value = getattr(message, name)

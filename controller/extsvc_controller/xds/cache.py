@@ -19,7 +19,7 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -112,8 +112,14 @@ def _resource_name(type_url: str, message: Message) -> str:
     return str(getattr(message, _NAME_FIELD[type_url]))
 
 
-def _freeze(resources: Mapping[str, Mapping[str, Message]]) -> dict[str, dict[str, Message]]:
-    """A private copy of the resources, checked: a known type URL, the right message, matching names."""
+def _freeze(
+    resources: Mapping[str, Mapping[str, Message]], copy_messages: bool = True
+) -> dict[str, dict[str, Message]]:
+    """A private copy of the resources, checked: a known type URL, the right message, matching names.
+
+    ``copy_messages=False``: the caller hands the messages over (it keeps no reference to change
+    them through), so the snapshot keeps them as they are, without a second copy in memory.
+    """
     frozen: dict[str, dict[str, Message]] = {}
     for type_url, by_name in resources.items():
         if type_url not in SHORT_NAMES:
@@ -128,9 +134,11 @@ def _freeze(resources: Mapping[str, Mapping[str, Message]]) -> dict[str, dict[st
                     f"{SHORT_NAMES[type_url]}: key {name!r} differs from the resource's own name "
                     f"{_resource_name(type_url, message)!r}"
                 )
-            copy = type(message)()
-            copy.CopyFrom(message)  # later edits to the caller's message cannot change our content
-            copies[name] = copy
+            if copy_messages:
+                copy = type(message)()
+                copy.CopyFrom(message)  # later edits to the caller's message cannot change ours
+                message = copy
+            copies[name] = message
         frozen[type_url] = copies
     return frozen
 
@@ -146,13 +154,15 @@ class XdsSnapshot:
     """
 
     resources: Mapping[str, Mapping[str, Message]]
+    #: False: the caller hands the messages over instead of the snapshot copying them
+    copy_messages: InitVar[bool] = True
     version: str = field(init=False)
     type_versions: Mapping[str, str] = field(init=False, repr=False)
     resource_versions: Mapping[str, Mapping[str, str]] = field(init=False, repr=False)
     packed: Mapping[str, Mapping[str, any_pb2.Any]] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        frozen = _freeze(self.resources)
+    def __post_init__(self, copy_messages: bool) -> None:
+        frozen = _freeze(self.resources, copy_messages)
         resource_versions: dict[str, Mapping[str, str]] = {}
         packed: dict[str, Mapping[str, any_pb2.Any]] = {}
         for type_url, by_name in frozen.items():
