@@ -37,6 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="Kubernetes mode: watch only these namespaces (repeatable; default: all)")
     p.add_argument("--xds-address", default="0.0.0.0:18000", metavar="HOST:PORT",
                    help="where Envoys connect for ADS (default: %(default)s)")
+    p.add_argument("--xds-tls-cert", type=Path, metavar="FILE",
+                   help="serve ADS over TLS with this certificate (PEM; with --xds-tls-key)")
+    p.add_argument("--xds-tls-key", type=Path, metavar="FILE", help="the key of --xds-tls-cert (PEM)")
+    p.add_argument("--xds-tls-client-ca", type=Path, metavar="FILE",
+                   help="require Envoys to present a client certificate signed by this CA (mutual TLS)")
     p.add_argument("--admin-address", default="0.0.0.0:9902", metavar="HOST:PORT",
                    help="/healthz, /readyz, /metrics (default: %(default)s)")
     p.add_argument("--endpoints", type=Path, metavar="FILE",
@@ -68,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def main(args: argparse.Namespace) -> int:
     from . import render
-    from .serve import RunConfig, main_async
+    from .serve import RunConfig, XdsServerTls, main_async
     from .sources.files import ManifestError
 
     logging.basicConfig(
@@ -95,6 +100,20 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    if (args.xds_tls_cert is None) != (args.xds_tls_key is None) or (
+        args.xds_tls_client_ca is not None and args.xds_tls_cert is None
+    ):
+        print(f"{PROG}: --xds-tls-cert and --xds-tls-key go together "
+              "(and --xds-tls-client-ca needs them)", file=sys.stderr)
+        return 2
+    xds_tls = None
+    if args.xds_tls_cert is not None:
+        try:
+            xds_tls = XdsServerTls.read(args.xds_tls_cert, args.xds_tls_key, args.xds_tls_client_ca)
+        except OSError as exc:
+            print(f"{PROG}: --xds-tls-*: {exc.filename}: {(exc.strerror or str(exc)).lower()}",
+                  file=sys.stderr)
+            return 2
     config = RunConfig(
         paths=list(args.paths or []),
         kubernetes=args.kubernetes,
@@ -102,6 +121,7 @@ def main(args: argparse.Namespace) -> int:
         namespaces=list(args.namespaces),
         options=options,
         xds_address=xds_address,
+        xds_tls=xds_tls,
         admin_address=admin_address,
         status_file=args.status,
         poll_interval_s=args.poll_interval,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from .admin import AdminServer
@@ -32,6 +33,27 @@ from .xds.server import serve_xds
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class XdsServerTls:
+    """The ADS server's certificate and key (PEM bytes), and the CA Envoys' client certificates
+    must be signed by (None: no client certificate asked for)."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None = None
+
+    @classmethod
+    def read(cls, cert: Path, key: Path, client_ca: Path | None = None) -> XdsServerTls:
+        return cls(cert.read_bytes(), key.read_bytes(), client_ca.read_bytes() if client_ca else None)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)],
+            root_certificates=self.client_ca,
+            require_client_auth=self.client_ca is not None,
+        )
+
+
 @dataclass(slots=True)
 class RunConfig:
     """What ``extsvc-controller run`` was told (see its ``--help``)."""
@@ -42,6 +64,7 @@ class RunConfig:
     namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
     options: Options = field(default_factory=Options)
     xds_address: tuple[str, int] = ("0.0.0.0", 18000)  # noqa: S104 (Envoys connect from elsewhere)
+    xds_tls: XdsServerTls | None = None
     admin_address: tuple[str, int] = ("0.0.0.0", 9902)  # noqa: S104 (kubelet probes, scrapes)
     status_file: Path | None = None  # folder mode
     poll_interval_s: float = 1.0
@@ -90,7 +113,10 @@ class Running:
         self.controller = Controller(
             snapshot, c.options, self.cache, self.metrics, sink, debounce_s=c.debounce_s
         )
-        self.xds_server, self.xds_port = await serve_xds(self.cache, c.xds_address, self.registry)
+        self.xds_server, self.xds_port = await serve_xds(
+            self.cache, c.xds_address, self.registry,
+            credentials=c.xds_tls.credentials() if c.xds_tls is not None else None,
+        )
         self.admin = AdminServer(self.registry, lambda: self.ready, lambda: self.alive)
         await self.admin.start(*c.admin_address)
         self._loop_task = asyncio.create_task(self.controller.run(), name="controller")

@@ -10,14 +10,17 @@ these tests rely on; :class:`Cluster` runs it on a port that can be stopped and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp.web
 import kmock
+import yaml
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.config.models import Cluster as KCluster
@@ -202,9 +205,49 @@ class Cluster:
         return raw
 
 
+@contextlib.asynccontextmanager
+async def emulated_cluster() -> AsyncIterator[Cluster]:
+    """An emulated API server on a port of its own, for one test (the ``cluster`` fixtures)."""
+    async with KubeEmulator() as emu:
+        c = Cluster(emu)
+        await c.up()
+        try:
+            yield c
+        finally:
+            if c._server is not None:
+                await c.down()
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
     """Wait (polling) until ``predicate()``; fail the test with ``what`` after ``timeout``."""
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
     assert predicate(), what
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "controller" / "manifests"
+KIND_OF = {kind.kind: kind for kind in KINDS}
+
+
+def kubeconfig(tmp_path: Path, cluster: Cluster) -> Path:
+    """A kubeconfig file that points at ``cluster``."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
+        "users": [{"name": "u", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}],
+    }))
+    return path
+
+
+async def seed(cluster: Cluster, folder: Path = EXAMPLE) -> None:
+    """Create every object of the manifests in ``folder`` through the API (watches see them)."""
+    for path in sorted(folder.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                meta = doc.pop("metadata")
+                doc.pop("apiVersion")
+                kind = KIND_OF[doc.pop("kind")]
+                await cluster.create(kind, meta["namespace"], meta["name"], **doc)

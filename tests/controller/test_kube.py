@@ -11,6 +11,7 @@ from typing import Any
 import kmock
 import pytest
 from lightkube import AsyncClient
+from lightkube.core.exceptions import ApiError
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.coordination_v1 import Lease
 from prometheus_client import CollectorRegistry
@@ -19,7 +20,7 @@ from extsvc_controller.kube import Backoff, KubeMetrics, KubeSource, LeaderElect
 from extsvc_controller.kube import kinds as k
 from extsvc_controller.results import Ancestor, Condition, Status
 
-from .kube_kit import LEASE, Cluster, KubeEmulator, until
+from .kube_kit import LEASE, Cluster, emulated_cluster, until
 
 pytestmark = pytest.mark.timeout(15)
 
@@ -29,14 +30,8 @@ CTL = "extsvc.dev/controller"
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
-    async with KubeEmulator() as emu:
-        c = Cluster(emu)
-        await c.up()
-        try:
-            yield c
-        finally:
-            if c._server is not None:
-                await c.down()
+    async with emulated_cluster() as c:
+        yield c
 
 
 @contextlib.asynccontextmanager
@@ -341,11 +336,19 @@ async def test_losing_the_lease_stops_status_writes_at_once(cluster: Cluster) ->
     await until(lambda: e1.is_leader)
     async with running(cluster, kinds=[k.HTTPROUTE]) as src:
         w = StatusWriter(c1, controller_name=CTL, leader=lambda: e1.is_leader)
-        # Someone else takes the Lease (a write with the current resourceVersion wins).
-        lease = await thief.get(Lease, "extsvc-controller", namespace="sys")
-        assert lease.spec is not None
-        lease.spec.holderIdentity = "thief"
-        await thief.replace(lease)
+        # Someone else takes the Lease (a write with the current resourceVersion wins; a renewal
+        # between our read and our write makes it a 409: read again).
+        for _ in range(20):
+            lease = await thief.get(Lease, "extsvc-controller", namespace="sys")
+            assert lease.spec is not None
+            lease.spec.holderIdentity = "thief"
+            try:
+                await thief.replace(lease)
+                break
+            except ApiError as exc:
+                assert exc.status.code == 409
+        else:
+            pytest.fail("the Lease could not be taken")
         await until(lambda: not e1.is_leader, timeout=TIMES["retry_period"] * 6)
         res = await w.write([route_status()], src.objects())
         assert res.not_leader and patches(cluster) == []

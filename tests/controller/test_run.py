@@ -266,3 +266,45 @@ def test_a_rebuild_from_the_memo_is_the_build_from_scratch() -> None:
         }
         assert reused.statuses == fresh.statuses
     assert live._memo.routes.hits > 0, "the memo was used"
+
+
+def _docs_section(title: str) -> str:
+    text = (ROOT / "docs" / "controller.md").read_text()
+    start = text.index(title)
+    level = title.split(" ", 1)[0]  # "##" or "###": the section ends at the next one as high
+    ends = [text.find(f"\n{mark} ", start + len(title)) for mark in ("##", level)]
+    return text[start : min(e for e in ends if e > 0)]
+
+
+def test_every_run_option_is_documented() -> None:
+    from extsvc_controller.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    documented = _docs_section("## `run`: the live control plane")
+    missing = [
+        opt for action in run._actions for opt in action.option_strings
+        if opt.startswith("--") and opt not in ("--help", "--log-level") and opt not in documented
+    ]
+    assert not missing, missing
+
+
+def test_the_documented_metrics_exist() -> None:
+    import re
+
+    from prometheus_client import generate_latest
+
+    from extsvc_controller.kube.metrics import KubeMetrics
+    from extsvc_controller.xds.metrics import XdsMetrics
+
+    registry = CollectorRegistry()
+    ControllerMetrics(registry)
+    KubeMetrics(registry)
+    XdsMetrics.create(registry)
+    exported = generate_latest(registry).decode()
+    names = re.findall(r"`([a-z_]+)(?:\{[^}]*\})?`", _docs_section("### Probes and metrics"))
+    assert len(names) > 10
+    # the prefix itself, and label values (sotw, cds, ...) are not metric names
+    names = [n for n in names if not n.endswith("_") and ("_" in n or n == "leader")]
+    missing = [n for n in names if f"extsvc_controller_{n}" not in exported]
+    assert not missing, missing
+    assert "extsvc_controller_leader " in exported

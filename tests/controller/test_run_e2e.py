@@ -15,7 +15,7 @@ import pytest
 from extsvc.testing.harness import EchoBackend, EnvoyProcess, ExtsvcProcess, free_port
 from extsvc_controller.cli import main
 from extsvc_controller.render import load_endpoints
-from extsvc_controller.serve import RunConfig, Running
+from extsvc_controller.serve import RunConfig, Running, XdsServerTls
 
 pytestmark = [pytest.mark.envoy, pytest.mark.timeout(90)]
 
@@ -29,11 +29,28 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, delta: bool) -> None:
+def pki(directory: Path) -> dict[str, Path]:
+    """A server certificate for the ADS server and a client certificate for Envoy."""
+    from service.test_tls import CA
+
+    server_ca, client_ca = CA("controller test server CA"), CA("controller test client CA")
+    server, client = server_ca.issue("localhost"), client_ca.issue("envoy", client=True)
+    files = {
+        "server-ca.crt": server_ca.pem, "client-ca.crt": client_ca.pem,
+        "server.crt": server.cert, "server.key": server.key,
+        "client.crt": client.cert, "client.key": client.key,
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return {name: directory / name for name in files}
+
+
+@pytest.mark.parametrize("mode", ["sotw", "delta", "sotw-mtls"])
+async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, mode: str) -> None:
     folder = tmp_path / "manifests"
     shutil.copytree(EXAMPLE / "manifests", folder)
     listen = free_port()
+    files = pki(tmp_path) if mode.endswith("mtls") else {}
     with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
         endpoints = tmp_path / "endpoints.yaml"
         endpoints.write_text(
@@ -45,6 +62,8 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, delta: bool)
             paths=[folder],
             options=load_endpoints(endpoints),
             xds_address=("127.0.0.1", 0),
+            xds_tls=XdsServerTls.read(files["server.crt"], files["server.key"], files["client-ca.crt"])
+            if files else None,
             admin_address=("127.0.0.1", 0),
             status_file=tmp_path / "status.yaml",
             poll_interval_s=0.05,
@@ -55,7 +74,12 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, delta: bool)
             boot = tmp_path / "envoy.yaml"
             argv = ["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway", "demo/gw",
                     "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]
-            assert main([*argv, "--delta"] if delta else argv) == 0
+            if mode == "delta":
+                argv.append("--delta")
+            if files:
+                argv += ["--xds-ca", str(files["server-ca.crt"]), "--xds-cert", str(files["client.crt"]),
+                         "--xds-key", str(files["client.key"])]
+            assert main(argv) == 0
             proxy = EnvoyProcess(boot.read_text())
             proxy.port = listen  # the listener comes over LDS; the bootstrap only names the server
             # start() polls Envoy's /ready: off the event loop that serves xDS
@@ -89,3 +113,57 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, delta: bool)
             assert "kind: HTTPRoute" in (tmp_path / "status.yaml").read_text()
         finally:
             await running.stop()
+
+
+async def test_an_edit_through_the_kubernetes_api_reaches_envoy(tmp_path: Path) -> None:
+    """Kubernetes mode end to end: objects in an emulated API server (kmock), the controller
+    watching it, a real Envoy over ADS; a merge-patch to a TrafficPolicy changes what Envoy does,
+    and the route's status is written back."""
+    from extsvc_controller.kube import kinds as k
+
+    from .kube_kit import emulated_cluster, kubeconfig, seed, until
+
+    listen = free_port()
+    with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
+        endpoints = tmp_path / "endpoints.yaml"
+        endpoints.write_text(
+            f"services:\n  demo/extsvc: 127.0.0.1:{extsvc.grpc_port}\n"
+            f"  demo/backend: 127.0.0.1:{backend.port}\n"
+            f"listeners:\n  '80': 127.0.0.1:{listen}\n"
+        )
+        async with emulated_cluster() as cluster:
+            await seed(cluster)
+            running = Running(RunConfig(
+                kubernetes=True, kubeconfig=kubeconfig(tmp_path, cluster),
+                options=load_endpoints(endpoints), xds_address=("127.0.0.1", 0),
+                admin_address=("127.0.0.1", 0), debounce_s=0.02, leader_election=False,
+            ))
+            await running.start()
+            try:
+                await until(lambda: running.ready, 15, "ready")
+                boot = tmp_path / "envoy.yaml"
+                assert main(["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway",
+                             "demo/gw", "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]) == 0
+                proxy = EnvoyProcess(boot.read_text())
+                proxy.port = listen
+                await asyncio.to_thread(proxy.start)
+                try:
+                    async with httpx.AsyncClient(base_url=proxy.url("")) as client:
+                        assert (await client.get("/anything")).status_code == 401
+                        # the Gateway-wide policy loses its extAuth (merge-patch null deletes):
+                        # Envoy lets requests in
+                        await cluster.patch(k.TRAFFICPOLICY, "demo", "gateway-wide",
+                                            {"spec": {"extAuth": None}})
+
+                        async def open_now() -> bool:
+                            return (await client.get("/anything")).status_code == 200
+
+                        await eventually(open_now, 20, "the API edit reached Envoy")
+                        assert backend.requests[-1].headers.get("x-extproc") == "on"
+                finally:
+                    await asyncio.to_thread(proxy.stop)
+                await until(
+                    lambda: "status" in cluster.stored(k.HTTPROUTE, "demo", "shop"), 10, "status"
+                )
+            finally:
+                await running.stop()

@@ -10,51 +10,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from extsvc_controller.kube import kinds as k
 from extsvc_controller.serve import RunConfig, Running
 
-from .kube_kit import Cluster, KubeEmulator, until
+from .kube_kit import Cluster, emulated_cluster, kubeconfig, seed, until
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "controller" / "manifests"
-KIND_OF = {kind.kind: kind for kind in k.KINDS}
 
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
-    async with KubeEmulator() as emu:
-        c = Cluster(emu)
-        await c.up()
-        try:
-            yield c
-        finally:
-            if c._server is not None:
-                await c.down()
-
-
-def kubeconfig(tmp_path: Path, cluster: Cluster) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": cluster.url}}],
-        "users": [{"name": "u", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "u"}}],
-    }))
-    return path
-
-
-async def seed(cluster: Cluster) -> None:
-    for path in sorted(EXAMPLE.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                meta = doc.pop("metadata")
-                doc.pop("apiVersion")
-                kind = KIND_OF[doc.pop("kind")]
-                await cluster.create(kind, meta["namespace"], meta["name"], **doc)
+    async with emulated_cluster() as c:
+        yield c
 
 
 async def test_kubernetes_mode_publishes_reacts_to_edits_and_writes_statuses(

@@ -159,4 +159,10 @@ async def test_a_scrape_renders_off_the_loop_and_flushes_only_on_it(
     assert b'extsvc_ratelimit_responses_total{code="ok"} 3.0' in text
     assert set(flushed_in) == {threading.get_ident()}
     assert rendered_in and rendered_in[0] != threading.get_ident()
-    assert metrics.exposition() == text  # the same text as rendered on the loop
+    # the same text as rendered on the loop (but for the process collector's CPU time and
+    # memory, which move between two renders on a busy machine)
+
+    def stable(rendered: bytes) -> list[bytes]:
+        return [line for line in rendered.splitlines() if b"process_" not in line]
+
+    assert stable(metrics.exposition()) == stable(text)

@@ -109,16 +109,26 @@ class BackendRef(_Open):
     filters: list[RouteFilter] = Field(default_factory=list)
 
 
-class RouteRule(_Open):
+class _RuleBase(_Open):
+    """What HTTPRoute and GRPCRoute rules share (their matches differ)."""
+
     name: str | None = None
-    matches: list[RouteMatch] = Field(default_factory=lambda: [RouteMatch()])
     filters: list[RouteFilter] = Field(default_factory=list)
     backend_refs: list[BackendRef] = Field(default_factory=list)
 
 
-class HTTPRouteSpec(_Open):
+class RouteRule(_RuleBase):
+    matches: list[RouteMatch] = Field(default_factory=lambda: [RouteMatch()])
+
+
+class _SpecBase(_Open):
+    """What HTTPRoute and GRPCRoute specs share (their rules differ)."""
+
     parent_refs: list[ParentReference] = Field(default_factory=list)
     hostnames: list[str] = Field(default_factory=list)
+
+
+class HTTPRouteSpec(_SpecBase):
     rules: list[RouteRule] = Field(default_factory=lambda: [RouteRule()])
 
 
@@ -142,16 +152,11 @@ class GRPCRouteMatch(_Open):
     headers: list[HeaderMatch] = Field(default_factory=list)
 
 
-class GRPCRouteRule(_Open):
-    name: str | None = None
+class GRPCRouteRule(_RuleBase):
     matches: list[GRPCRouteMatch] = Field(default_factory=lambda: [GRPCRouteMatch()])
-    filters: list[RouteFilter] = Field(default_factory=list)
-    backend_refs: list[BackendRef] = Field(default_factory=list)
 
 
-class GRPCRouteSpec(_Open):
-    parent_refs: list[ParentReference] = Field(default_factory=list)
-    hostnames: list[str] = Field(default_factory=list)
+class GRPCRouteSpec(_SpecBase):
     rules: list[GRPCRouteRule] = Field(default_factory=lambda: [GRPCRouteRule()])
 
 
