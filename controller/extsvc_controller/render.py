@@ -60,6 +60,18 @@ def _status(st: Status) -> dict[str, Any]:
             }
             for a in st.ancestors
         ]
+    if st.listeners:
+        out["listeners"] = [
+            {
+                "name": ln.name,
+                "supportedKinds": [
+                    {"group": "gateway.networking.k8s.io", "kind": k} for k in ln.supported_kinds
+                ],
+                "attachedRoutes": ln.attached_routes,
+                "conditions": [_condition(c) for c in ln.conditions],
+            }
+            for ln in st.listeners
+        ]
     if st.warnings:
         out["warnings"] = list(st.warnings)
     return out

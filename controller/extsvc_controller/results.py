@@ -60,6 +60,16 @@ class Ancestor:
     conditions: tuple[Condition, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ListenerStatus:
+    """One Gateway listener (Gateway API ``status.listeners[]``)."""
+
+    name: str
+    attached_routes: int
+    supported_kinds: tuple[str, ...]
+    conditions: tuple[Condition, ...]
+
+
 @dataclass(slots=True)
 class Status:
     kind: str
@@ -68,6 +78,7 @@ class Status:
     conditions: list[Condition] = field(default_factory=list)
     ancestors: list[Ancestor] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    listeners: list[ListenerStatus] = field(default_factory=list)  # Gateways only
 
     @property
     def invalid(self) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from . import model
-from .attach import RouteParents, route_refs
+from .attach import Entry, RouteParents, route_refs
 from .context import Context
-from .results import Ancestor, Condition, Status
+from .results import Ancestor, Condition, ListenerStatus, Status
 
 
 def gateway_status(gw: model.Gateway, gw_status: Status, gw_conditions: Sequence[Condition]) -> None:
@@ -28,6 +28,51 @@ def gateway_status(gw: model.Gateway, gw_status: Status, gw_conditions: Sequence
                 f"listener(s) {', '.join(selectors)}: allowedRoutes.namespaces.from Selector is not "
                 "supported by extsvc-controller; no HTTPRoute attaches there",
             )
+        )
+
+
+#: the route kinds an HTTP or HTTPS listener takes
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute")
+
+
+def listener_statuses(
+    gw: model.Gateway, gw_status: Status, attached: Mapping[str, Sequence[Entry]]
+) -> None:
+    """Per listener: the routes attached and its conditions (Accepted, Conflicted, ResolvedRefs,
+    Programmed), from what the translation said about the Gateway's listeners."""
+    for ln in gw.spec.listeners:
+        mine = [c for c in gw_status.conditions if c.message.startswith(f"listener {ln.name}: ")]
+
+        def about(reason: str, found: Sequence[Condition] = mine) -> str:
+            return "; ".join(c.message.split(": ", 1)[1] for c in found if c.reason == reason)
+
+        port_conflict = any(
+            c.reason == "ListenersNotValid" and c.message.startswith(f"port {ln.port}: ")
+            for c in gw_status.conditions
+        )
+        bad_refs, hostnames, replaced = (
+            about("InvalidCertificateRef"), about("HostnameConflict"), about("ListenerReplaced")
+        )
+        accepted = Condition("Accepted", "True", "Accepted")
+        conflicted = Condition("Conflicted", "False", "NoConflicts")
+        if port_conflict:
+            why = f"port {ln.port}: conflicting listeners"
+            accepted = Condition("Accepted", "False", "PortUnavailable", why)
+            conflicted = Condition("Conflicted", "True", "ProtocolConflict")
+        elif hostnames:
+            conflicted = Condition("Conflicted", "True", "HostnameConflict", hostnames)
+        refs = Condition("ResolvedRefs", "False", "InvalidCertificateRef", bad_refs) if bad_refs \
+            else Condition("ResolvedRefs", "True", "ResolvedRefs")
+        problem = "; ".join(filter(None, (bad_refs, replaced)))
+        programmed = Condition("Programmed", "True", "Programmed")
+        if port_conflict or problem:
+            programmed = Condition("Programmed", "False", "Invalid", problem or "the listener is not created")
+        routes = {
+            (e.route.kind, e.route.metadata.namespace, e.route.metadata.name)
+            for e in attached.get(ln.name, ())
+        }
+        gw_status.listeners.append(
+            ListenerStatus(ln.name, len(routes), ROUTE_KINDS, (accepted, conflicted, refs, programmed))
         )
 
 

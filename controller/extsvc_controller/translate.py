@@ -39,7 +39,7 @@ from .results import (
     Status,
     Translation,
 )
-from .statuses import gateway_status, policy_statuses, route_statuses
+from .statuses import gateway_status, listener_statuses, policy_statuses, route_statuses
 
 __all__ = [
     "Ancestor",
@@ -86,6 +86,7 @@ def _translate(snapshot: Snapshot, options: Options | None, memo: BuildMemo | No
         scope = GatewayScope(t, gw_key, gw_status, gw_policies, attached, explains, route_replaced)
         gw_conditions = gateway_listeners(scope, out)
         gateway_status(gw, gw_status, gw_conditions)
+        listener_statuses(gw, gw_status, attached)
     route_statuses(t, route_parents, route_replaced)
     policy_statuses(t)
     cluster_list = [t.clusters[k] for k in sorted(t.clusters)]

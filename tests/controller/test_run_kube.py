@@ -57,6 +57,16 @@ async def test_kubernetes_mode_publishes_reacts_to_edits_and_writes_statuses(
         )
         parents = cluster.stored(k.HTTPROUTE, "demo", "shop")["status"]["parents"]
         assert parents[0]["controllerName"] == "extsvc.dev/controller"
+        await until(
+            lambda: bool(cluster.stored(k.GATEWAY, "demo", "gw").get("status", {}).get("listeners")),
+            10, "Gateway status written",
+        )
+        [listener] = cluster.stored(k.GATEWAY, "demo", "gw")["status"]["listeners"]
+        assert listener["name"] == "http" and listener["attachedRoutes"] == 1
+        assert {c["type"]: c["status"] for c in listener["conditions"]} == {
+            "Accepted": "True", "Conflicted": "False", "ResolvedRefs": "True", "Programmed": "True"
+        }
+        assert all(c["observedGeneration"] == 1 for c in listener["conditions"])
         policy = cluster.stored(k.TRAFFICPOLICY, "demo", "orders")["status"]["ancestors"][0]
         assert {c["type"] for c in policy["conditions"]} >= {"Accepted", "Attached"}
         # an edit through the API is a new snapshot for that Gateway

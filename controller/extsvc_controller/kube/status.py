@@ -3,8 +3,8 @@
 * TrafficPolicy: ``status.ancestors[]`` of ``{ancestorRef (the Gateway), controllerName, conditions}``;
 * HTTPRoute / GRPCRoute: ``status.parents[]`` of ``{parentRef (as in the spec), controllerName,
   conditions}``;
-* Gateway, GatewayExtension: ``status.conditions`` (the translator has no per-listener results, so
-  ``status.listeners`` is left as it is).
+* Gateway: ``status.conditions`` and ``status.listeners[]`` (name, supportedKinds, attachedRoutes,
+  conditions); GatewayExtension: ``status.conditions``.
 
 Every condition gets ``observedGeneration``, and keeps its ``lastTransitionTime`` while its type
 and status are unchanged, so an unchanged result gives a byte-identical status that is not written.
@@ -132,7 +132,25 @@ def status_body(
     generation = gen if isinstance(gen, int) else None
     current = base if base is not None else as_dict(obj.get("status"))
     if status.kind in ("Gateway", "GatewayExtension"):
-        return {"conditions": conditions(status.conditions, current.get("conditions"), generation, now)}
+        body: dict[str, Any] = {
+            "conditions": conditions(status.conditions, current.get("conditions"), generation, now)
+        }
+        if status.listeners:
+            before = {
+                e.get("name"): e for e in current.get("listeners") or [] if isinstance(e, dict)
+            }
+            body["listeners"] = [
+                {
+                    "name": ln.name,
+                    "supportedKinds": [{"group": GATEWAY_API, "kind": k} for k in ln.supported_kinds],
+                    "attachedRoutes": ln.attached_routes,
+                    "conditions": conditions(
+                        ln.conditions, before.get(ln.name, {}).get("conditions"), generation, now
+                    ),
+                }
+                for ln in status.listeners[:_MAX_ENTRIES]
+            ]
+        return body
     if status.kind == "TrafficPolicy":
         others, ours = _entries(current.get("ancestors"), "ancestorRef", controller_name)
         entries = []
