@@ -167,3 +167,110 @@ async def test_an_edit_through_the_kubernetes_api_reaches_envoy(tmp_path: Path) 
                 )
             finally:
                 await running.stop()
+
+
+HTTPS_GATEWAY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: edge, namespace: demo}}
+spec:
+  gatewayClassName: kgateway
+  listeners:
+  - name: https
+    port: 443
+    protocol: HTTPS
+    hostname: localhost
+    tls: {{mode: Terminate, certificateRefs: [{{name: local-cert}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: secure, namespace: demo}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules: [{{backendRefs: [{{name: backend, port: 8080}}]}}]
+"""
+
+TLS_SECRET = """
+apiVersion: v1
+kind: Secret
+metadata: {{name: local-cert, namespace: demo}}
+type: kubernetes.io/tls
+data: {{tls.crt: {crt}, tls.key: {key}}}
+"""
+
+
+async def test_https_certificates_come_over_sds_and_rotate_without_a_listener_change(
+    tmp_path: Path,
+) -> None:
+    import base64
+    import socket
+    import ssl
+
+    from service.test_tls import CA
+
+    ca = CA("controller test CA")
+    (tmp_path / "ca.crt").write_bytes(ca.pem)
+    folder = tmp_path / "manifests"
+    shutil.copytree(EXAMPLE / "manifests", folder)
+    (folder / "edge.yaml").write_text(HTTPS_GATEWAY.format())
+
+    def write_secret() -> bytes:
+        issued = ca.issue("localhost")
+        b64 = [base64.b64encode(x).decode() for x in (issued.cert, issued.key)]
+        (folder / "secret.yaml").write_text(TLS_SECRET.format(crt=b64[0], key=b64[1]))
+        return issued.cert
+
+    def served(port: int) -> tuple[bytes, bytes]:
+        """The certificate Envoy presents for SNI localhost (PEM), and a GET's status line."""
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+            tls.sendall(b"GET /secure HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            status = tls.recv(64).split(b"\r\n", 1)[0]
+        assert der is not None
+        return ssl.DER_cert_to_PEM_cert(der).encode(), status
+
+    first = write_secret()
+    listen = free_port()
+    with EchoBackend() as backend:
+        endpoints = tmp_path / "endpoints.yaml"
+        endpoints.write_text(
+            f"services:\n  demo/backend: 127.0.0.1:{backend.port}\n"
+            f"listeners:\n  '443': 127.0.0.1:{listen}\n"
+        )
+        running = Running(RunConfig(
+            paths=[folder], options=load_endpoints(endpoints), xds_address=("127.0.0.1", 0),
+            admin_address=("127.0.0.1", 0), poll_interval_s=0.05, debounce_s=0.02,
+        ))
+        await running.start()
+        try:
+            boot = tmp_path / "envoy.yaml"
+            assert main(["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway",
+                         "demo/edge", "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]) == 0
+            proxy = EnvoyProcess(boot.read_text())
+            await asyncio.to_thread(proxy.start)  # ready only once the SDS secret arrived
+            try:
+                snapshot = running.cache.get("demo/edge")
+                assert snapshot is not None
+                listeners = snapshot.packed["type.googleapis.com/envoy.config.listener.v3.Listener"]
+                assert b"PRIVATE KEY" not in b"".join(a.value for a in listeners.values())
+                cert, status = await asyncio.to_thread(served, listen)
+                assert cert.strip() == first.strip() and status.endswith(b" 200 OK")
+                listener_version = snapshot.type_versions[
+                    "type.googleapis.com/envoy.config.listener.v3.Listener"
+                ]
+                second = write_secret()
+
+                async def rotated() -> bool:
+                    return (await asyncio.to_thread(served, listen))[0].strip() == second.strip()
+
+                await eventually(rotated, 20, "the new certificate is served")
+                after = running.cache.get("demo/edge")
+                assert after is not None and after.type_versions[
+                    "type.googleapis.com/envoy.config.listener.v3.Listener"
+                ] == listener_version  # only the secret changed
+            finally:
+                await asyncio.to_thread(proxy.stop)
+        finally:
+            await running.stop()
