@@ -74,6 +74,9 @@ class RunConfig:
     lease_namespace: str = "default"
     lease_name: str = "extsvc-controller"
     identity: str = ""
+    #: Kubernetes mode: seconds a watch may stay silent (no event, no bookmark) before it is
+    #: restarted from its resourceVersion (catches connections to a vanished API server)
+    watch_idle_s: float = 120.0
 
 
 class Running:

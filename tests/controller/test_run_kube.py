@@ -99,7 +99,7 @@ async def test_kubernetes_mode_keeps_serving_while_the_api_is_away(
     await seed(cluster)
     running = Running(RunConfig(
         kubernetes=True, kubeconfig=kubeconfig(tmp_path, cluster), xds_address=("127.0.0.1", 0),
-        admin_address=("127.0.0.1", 0), debounce_s=0.02, leader_election=False,
+        admin_address=("127.0.0.1", 0), debounce_s=0.02, leader_election=False, watch_idle_s=2.0,
     ))
     await running.start()
     try:

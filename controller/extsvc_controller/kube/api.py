@@ -42,10 +42,13 @@ class TooLarge(Exception):
 
 class _Request(Protocol):
     params: dict[str, Any]
+    timeout: httpx2.Timeout | None
 
 
 class _Generic(Protocol):
     """The part of lightkube's ``GenericAsyncClient`` used here, typed."""
+
+    _watch_timeout: httpx2.Timeout  # its client's timeouts without the read timeout
 
     def prepare_request(
         self, method: str, res: type[Any], *, namespace: str | None, watch: bool, params: dict[str, Any]
@@ -88,8 +91,10 @@ class Api:
         max_page_bytes: int = 64 << 20,
         max_event_bytes: int = 4 << 20,
         watch_timeout: int = 300,
+        watch_idle_s: float = 120.0,
     ) -> None:
         self._generic = cast(_Generic, client._client)
+        self.watch_idle_s = watch_idle_s
         self.page_size = page_size
         self.max_page_bytes = max_page_bytes
         self.max_event_bytes = max_event_bytes
@@ -99,6 +104,13 @@ class Api:
         br = self._generic.prepare_request(
             "list", kind.resource(), namespace=namespace, watch=watch, params=params
         )
+        if watch:
+            # A watch is quiet while nothing changes: the client's read timeout would end every
+            # quiet watch; ``watch_idle_s`` of silence (no event, no bookmark) does instead, so that
+            # a connection to an API server that vanished without closing it is still given up.
+            timeout = httpx2.Timeout(self._generic._watch_timeout)
+            timeout.read = self.watch_idle_s
+            br.timeout = timeout
         return self._generic.build_adapter_request(br)
 
     async def list_page(

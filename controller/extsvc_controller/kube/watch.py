@@ -49,10 +49,12 @@ class KubeSource:
         page_size: int = 500,
         max_event_bytes: int = 4 << 20,
         watch_timeout: int = 300,
+        watch_idle_s: float = 120.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._api = Api(
-            client, page_size=page_size, max_event_bytes=max_event_bytes, watch_timeout=watch_timeout
+            client, page_size=page_size, max_event_bytes=max_event_bytes, watch_timeout=watch_timeout,
+            watch_idle_s=watch_idle_s,
         )
         self._on_change = on_change
         self._scopes: tuple[str, ...] = tuple(sorted(set(namespaces))) if namespaces else (ALL_NAMESPACES,)

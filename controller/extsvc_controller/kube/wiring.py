@@ -71,7 +71,8 @@ async def kubernetes_source(
             running.controller.changed()
 
     source = KubeSource(
-        client, on_change=changed, namespaces=config.namespaces or None, metrics=metrics
+        client, on_change=changed, namespaces=config.namespaces or None, metrics=metrics,
+        watch_idle_s=config.watch_idle_s,
     )
     running.synced = source.synced
     cache = ParseCache()
