@@ -106,7 +106,7 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-class FolderSource:
+class FolderInput:
     """The manifests as files (one per route and per policy); an edit rewrites one file."""
 
     def __init__(self, tmp: Path, docs: list[dict[str, Any]], poll_s: float) -> None:
@@ -134,7 +134,7 @@ class FolderSource:
         pass
 
 
-class KubeSource:
+class KubeInput:
     """An emulated API server (kmock, as the tests use it) in a thread of its own: the objects are
     created through its HTTP API, an edit is a merge-patch, the controller watches it."""
 
@@ -220,8 +220,8 @@ def live(n: int, edits: int, poll_s: float, source_kind: str) -> None:
         (tmp / "extsvc.yaml").write_text(EXTSVC_CONFIG)
         docs = documents(n)
         routes = {d["metadata"]["name"]: d for d in docs if d["kind"] == "HTTPRoute"}
-        source: FolderSource | KubeSource = (
-            FolderSource(tmp, docs, poll_s) if source_kind == "folder" else KubeSource(tmp, docs)
+        source: FolderInput | KubeInput = (
+            FolderInput(tmp, docs, poll_s) if source_kind == "folder" else KubeInput(tmp, docs)
         )
         with ExtsvcProcess(tmp / "extsvc.yaml") as extsvc:
             listen, xds, admin = free_port(), free_port(), free_port()

@@ -236,10 +236,10 @@ class Controller:
             except Exception:
                 log.exception("statuses not written (the next snapshot writes them again)")
 
-    async def statuses_written(self) -> None:
-        """Wait until the statuses of the newest snapshot are written (tests, shutdown)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.wait({self._writer})
+    async def aclose(self) -> None:
+        """Stop writing statuses (the next leader, or the next start, writes them)."""
+        if self._writer is not None:
+            await cancel_all([self._writer])
 
     def translate_snapshot(self, snapshot: Snapshot) -> tuple[Translation, dict[str, XdsSnapshot]]:
         self._memo.next_build()

@@ -147,8 +147,8 @@ class Running:
         is left, then close the servers and clients."""
         if self._loop_task is not None:
             await cancel_all([self._loop_task])
-        if self.controller is not None and self.controller._writer is not None:
-            await cancel_all([self.controller._writer])
+        if self.controller is not None:
+            await self.controller.aclose()
         for stop in self.stops:
             with contextlib.suppress(Exception):
                 stop()
