@@ -169,7 +169,7 @@ def _virtual_hosts(
         for e in sorted(by_host[host], key=_route_order):
             r, rv_explain = _route(scope, e, vh_invalid, filters.note)
             routes.append(r)
-            if rv_explain is not None:
+            if rv_explain is not None and scope.t.options.explain:
                 pending.append((e, vh_name, r.name, rv_explain, vh_explain))
         vhosts.append(
             envoy.virtual_host(

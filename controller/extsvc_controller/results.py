@@ -43,6 +43,8 @@ class Options:
     # Each Gateway is served to its own Envoys (extsvc-controller run, over xDS): a port only
     # conflicts within one Gateway, and Translation.gateways lists each one's listeners.
     per_gateway: bool = False
+    # Translation.explain is filled (for ``explain``); the live controller does not read it.
+    explain: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,7 +152,7 @@ class Controller:
         max_delay_s: float = MAX_DELAY_S,
     ) -> None:
         self._snapshot = snapshot
-        self.options = dataclasses.replace(options, per_gateway=True)
+        self.options = dataclasses.replace(options, per_gateway=True, explain=False)
         self.cache = cache
         self._metrics = metrics
         self._sink = status_sink
