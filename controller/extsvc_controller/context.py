@@ -25,7 +25,14 @@ class Context:
         by: dict[str, dict[tuple[str, str], model.Object]] = defaultdict(dict)
         for obj in snapshot.objects:
             by[obj.kind][(obj.metadata.namespace, obj.metadata.name)] = obj
-        self.gateways: dict[tuple[str, str], model.Gateway] = by["Gateway"]  # type: ignore[assignment]
+        classes = options.gateway_classes
+        #: this controller's Gateways; the others (another GatewayClass) are left alone
+        self.gateways: dict[tuple[str, str], model.Gateway] = {
+            key: gw  # type: ignore[misc]
+            for key, gw in by["Gateway"].items()
+            if not classes or gw.spec.gateway_class_name in classes  # type: ignore[union-attr]
+        }
+        self.foreign_gateways = set(by["Gateway"]) - set(self.gateways)
         #: HTTPRoutes and GRPCRoutes (as routes), by (kind, namespace, name)
         self.routes: dict[tuple[str, str, str], model.HTTPRoute] = {
             ("HTTPRoute", *key): obj for key, obj in by["HTTPRoute"].items()  # type: ignore[misc]

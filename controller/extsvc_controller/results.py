@@ -45,6 +45,9 @@ class Options:
     per_gateway: bool = False
     # Translation.explain is filled (for ``explain``); the live controller does not read it.
     explain: bool = True
+    # Only Gateways of these GatewayClasses are this controller's (empty: every Gateway). Routes
+    # attached only to other Gateways get no status from it.
+    gateway_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

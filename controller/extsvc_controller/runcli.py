@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--strict-reference-grants", action="store_true",
                    help="require a ReferenceGrant for a TrafficPolicy -> GatewayExtension "
                    "in another namespace")
+    p.add_argument("--gateway-class", dest="gateway_classes", action="append", default=[],
+                   metavar="NAME", help="serve and write only Gateways of this GatewayClass "
+                   "(repeatable; default: every Gateway)")
     p.add_argument("--status", type=Path, metavar="FILE",
                    help="folder mode: keep the statuses in FILE (YAML, as render --status writes them)")
     p.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
@@ -83,7 +86,9 @@ def main(args: argparse.Namespace) -> int:
     for chatty in ("httpx", "httpx2", "httpcore"):  # a line per API request is not news
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     base = Options(
-        cluster_domain=args.cluster_domain, strict_reference_grants=args.strict_reference_grants
+        cluster_domain=args.cluster_domain,
+        strict_reference_grants=args.strict_reference_grants,
+        gateway_classes=tuple(args.gateway_classes),
     )
     try:
         options = render.load_endpoints(args.endpoints, base)

@@ -84,6 +84,8 @@ def route_statuses(
     """Per HTTPRoute and GRPCRoute: Accepted per parentRef, ResolvedRefs, and the rules replaced
     by a 500."""
     for r_key in sorted(t.routes):
+        if not route_parents.get(r_key) and _foreign_only(t, r_key):
+            continue  # attached to another controller's Gateways only: not ours to report on
         st = t.status(*r_key)
         for parent, gns, gname, reason in route_parents.get(r_key, []):
             st.conditions.append(
@@ -163,3 +165,10 @@ def policy_statuses(t: Context) -> None:
             )
         else:
             st.conditions = conditions
+
+
+def _foreign_only(t: Context, r_key: tuple[str, str, str]) -> bool:
+    """Whether every parentRef of the route names a Gateway of another GatewayClass."""
+    route = t.routes[r_key]
+    parents = [(p.namespace or r_key[1], p.name) for p in route.spec.parent_refs if p.kind == "Gateway"]
+    return bool(parents) and all(key in t.foreign_gateways for key in parents)

@@ -308,3 +308,25 @@ def test_the_documented_metrics_exist() -> None:
     missing = [n for n in names if f"extsvc_controller_{n}" not in exported]
     assert not missing, missing
     assert "extsvc_controller_leader " in exported
+
+
+def test_only_the_gateways_of_the_given_classes_are_served_and_reported(tmp_path: Path) -> None:
+    (tmp_path / "other.yaml").write_text(
+        SECOND_GATEWAY.replace("gatewayClassName: kgateway", "gatewayClassName: istio")
+        + """---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: theirs, namespace: demo}
+spec:
+  parentRefs: [{name: other}]
+  rules: [{backendRefs: [{name: backend, port: 8080}]}]
+"""
+    )
+    snapshot = load([EXAMPLE, tmp_path])
+    mine = translate(snapshot, Options(per_gateway=True, gateway_classes=("kgateway",)))
+    assert sorted(split(mine)) == ["demo/gw"]
+    reported = {(s.kind, s.name) for s in mine.statuses}
+    assert ("Gateway", "other") not in reported and ("HTTPRoute", "theirs") not in reported
+    assert ("HTTPRoute", "shop") in reported
+    everything = translate(snapshot, Options(per_gateway=True))
+    assert sorted(split(everything)) == ["demo/gw", "demo/other"]

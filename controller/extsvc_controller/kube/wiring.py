@@ -89,7 +89,8 @@ async def kubernetes_source(
         tasks.append(elector.run())
         running.stops.append(elector.stop)
     writer = StatusWriter(
-        client, controller_name=config.controller_name, leader=leader, metrics=metrics
+        client, controller_name=config.controller_name, leader=leader, metrics=metrics,
+        gateway_classes=config.options.gateway_classes or None,
     )
 
     async def sink(translation: Translation) -> None:
