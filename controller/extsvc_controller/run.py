@@ -13,7 +13,6 @@ status and never block the rest) keeps the last good config serving; it is logge
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -274,12 +273,20 @@ def status_file_sink(path: Path) -> StatusSink:
     return write
 
 
-async def cancel_all(tasks: Iterable[asyncio.Task[None]]) -> None:
+async def cancel_all(tasks: Iterable[asyncio.Task[None]], timeout_s: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait for them, ``timeout_s`` at most: a task that does not end is
+    logged and left behind, so that a shutdown always ends."""
+    tasks = list(tasks)
     for task in tasks:
         task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+    for task in pending:
+        log.warning("task %s did not end %.0f s after it was cancelled", task.get_name(), timeout_s)
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("task %s ended with %r", task.get_name(), task.exception())
 
 
 def _load_trim() -> Callable[[], object] | None:

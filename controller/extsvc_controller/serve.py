@@ -155,13 +155,13 @@ class Running:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
         await cancel_all(self._tasks)
+        # every step bounded: a stop always ends (what does not is logged and left behind)
         if self.xds_server is not None:
-            await self.xds_server.stop(1.0)
+            await _bounded("the xDS server", self.xds_server.stop(1.0), 3.0)
         if self.admin is not None:
-            await self.admin.stop()
+            await _bounded("the admin listener", self.admin.stop(), 3.0)
         for close in self.closers:
-            with contextlib.suppress(Exception):
-                await close()
+            await _bounded("a client", close(), 3.0)
 
 
 async def main_async(config: RunConfig) -> int:
@@ -177,3 +177,12 @@ async def main_async(config: RunConfig) -> int:
     finally:
         await running.stop()
     return 0
+
+
+async def _bounded(what: str, step: Awaitable[object], timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except TimeoutError:
+        log.warning("stopping %s took more than %.0f s; going on", what, timeout_s)
+    except Exception:
+        log.exception("stopping %s failed", what)

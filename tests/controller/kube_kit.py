@@ -176,7 +176,8 @@ class Cluster:
         return "/".join(p for p in (f"{base}/namespaces/{ns}/{kind.plural}", name, sub) if p)
 
     async def _call(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
-        async with aiohttp.ClientSession() as s, s.request(
+        limit = aiohttp.ClientTimeout(total=15)  # a stalled emulator fails the test, not hangs it
+        async with aiohttp.ClientSession(timeout=limit) as s, s.request(
             method, self.url + path, data=None if body is None else json.dumps(body),
             headers={"Content-Type": ctype},
         ) as resp:
