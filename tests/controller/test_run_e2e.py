@@ -23,6 +23,17 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "controller"
 
 
+def distinct_ports(n: int) -> list[int]:
+    """``n`` different free ports, taken after every other server of the test has bound its own
+    (a port free_port() just gave out can be handed out again to the next bind to port 0)."""
+    found: list[int] = []
+    while len(found) < n:
+        port = free_port()
+        if port not in found:
+            found.append(port)
+    return found
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -49,9 +60,9 @@ def pki(directory: Path) -> dict[str, Path]:
 async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, mode: str) -> None:
     folder = tmp_path / "manifests"
     shutil.copytree(EXAMPLE / "manifests", folder)
-    listen = free_port()
     files = pki(tmp_path) if mode.endswith("mtls") else {}
     with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
+        listen, xds, admin, envoy_admin = distinct_ports(4)
         endpoints = tmp_path / "endpoints.yaml"
         endpoints.write_text(
             f"services:\n  demo/extsvc: 127.0.0.1:{extsvc.grpc_port}\n"
@@ -61,10 +72,10 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, mode: str) -
         running = Running(RunConfig(
             paths=[folder],
             options=load_endpoints(endpoints),
-            xds_address=("127.0.0.1", 0),
+            xds_address=("127.0.0.1", xds),
             xds_tls=XdsServerTls.read(files["server.crt"], files["server.key"], files["client-ca.crt"])
             if files else None,
-            admin_address=("127.0.0.1", 0),
+            admin_address=("127.0.0.1", admin),
             status_file=tmp_path / "status.yaml",
             poll_interval_s=0.05,
             debounce_s=0.02,
@@ -73,7 +84,7 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, mode: str) -
         try:
             boot = tmp_path / "envoy.yaml"
             argv = ["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway", "demo/gw",
-                    "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]
+                    "--admin", f"127.0.0.1:{envoy_admin}", "-o", str(boot)]
             if mode == "delta":
                 argv.append("--delta")
             if files:
@@ -123,8 +134,8 @@ async def test_an_edit_through_the_kubernetes_api_reaches_envoy(tmp_path: Path) 
 
     from .kube_kit import emulated_cluster, kubeconfig, seed, until
 
-    listen = free_port()
     with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
+        listen, xds, admin, envoy_admin = distinct_ports(4)
         endpoints = tmp_path / "endpoints.yaml"
         endpoints.write_text(
             f"services:\n  demo/extsvc: 127.0.0.1:{extsvc.grpc_port}\n"
@@ -135,15 +146,15 @@ async def test_an_edit_through_the_kubernetes_api_reaches_envoy(tmp_path: Path) 
             await seed(cluster)
             running = Running(RunConfig(
                 kubernetes=True, kubeconfig=kubeconfig(tmp_path, cluster),
-                options=load_endpoints(endpoints), xds_address=("127.0.0.1", 0),
-                admin_address=("127.0.0.1", 0), debounce_s=0.02, leader_election=False,
+                options=load_endpoints(endpoints), xds_address=("127.0.0.1", xds),
+                admin_address=("127.0.0.1", admin), debounce_s=0.02, leader_election=False,
             ))
             await running.start()
             try:
                 await until(lambda: running.ready, 15, "ready")
                 boot = tmp_path / "envoy.yaml"
                 assert main(["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway",
-                             "demo/gw", "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]) == 0
+                             "demo/gw", "--admin", f"127.0.0.1:{envoy_admin}", "-o", str(boot)]) == 0
                 proxy = EnvoyProcess(boot.read_text())
                 proxy.port = listen
                 await asyncio.to_thread(proxy.start)
@@ -232,22 +243,22 @@ async def test_https_certificates_come_over_sds_and_rotate_without_a_listener_ch
         return ssl.DER_cert_to_PEM_cert(der).encode(), status
 
     first = write_secret()
-    listen = free_port()
     with EchoBackend() as backend:
+        listen, xds, admin, envoy_admin = distinct_ports(4)
         endpoints = tmp_path / "endpoints.yaml"
         endpoints.write_text(
             f"services:\n  demo/backend: 127.0.0.1:{backend.port}\n"
             f"listeners:\n  '443': 127.0.0.1:{listen}\n"
         )
         running = Running(RunConfig(
-            paths=[folder], options=load_endpoints(endpoints), xds_address=("127.0.0.1", 0),
-            admin_address=("127.0.0.1", 0), poll_interval_s=0.05, debounce_s=0.02,
+            paths=[folder], options=load_endpoints(endpoints), xds_address=("127.0.0.1", xds),
+            admin_address=("127.0.0.1", admin), poll_interval_s=0.05, debounce_s=0.02,
         ))
         await running.start()
         try:
             boot = tmp_path / "envoy.yaml"
             assert main(["render", "--xds", f"127.0.0.1:{running.xds_port}", "--gateway",
-                         "demo/edge", "--admin", f"127.0.0.1:{free_port()}", "-o", str(boot)]) == 0
+                         "demo/edge", "--admin", f"127.0.0.1:{envoy_admin}", "-o", str(boot)]) == 0
             proxy = EnvoyProcess(boot.read_text())
             await asyncio.to_thread(proxy.start)  # ready only once the SDS secret arrived
             try:
