@@ -369,3 +369,20 @@ async def test_stale_lease_write_conflicts(cluster: Cluster) -> None:
         await client.replace(lease)  # stale resourceVersion
     assert getattr(getattr(err.value, "status", None), "code", None) == 409
     await client.close()
+
+
+async def test_a_kind_the_api_does_not_serve_does_not_hold_back_the_sync(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 on a list (its CRD is not installed, e.g. no GRPCRoute in an older Gateway API):
+    none of that kind, said once; the source still syncs, and finds the kind once it is served."""
+    from extsvc_controller.kube import watch as watch_module
+
+    monkeypatch.setattr(watch_module, "NOT_SERVED_RETRY_S", 0.05)
+    widget = k.Kind("Widget", "example.com", "v1", "widgets")
+    await cluster.create(k.HTTPROUTE, "a", "r1", spec={"hostnames": ["a"]})
+    async with running(cluster, kinds=[k.HTTPROUTE, widget]) as src:  # waits for the sync
+        assert names(src, "HTTPRoute") == ["a/r1"]
+        assert caplog.text.count("is not served by the API server") == 1
+        await cluster.create(widget, "a", "w1", spec={})  # the kind is served from now on
+        await until(lambda: names(src, "Widget") == ["a/w1"], 5, "found once served")

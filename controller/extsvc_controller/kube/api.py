@@ -36,6 +36,10 @@ class Gone(ApiStatusError):
     """410: the resourceVersion is too old to resume from; list again."""
 
 
+class NotServed(ApiStatusError):
+    """404 on a list: the API server does not serve this kind (its CRD is not installed)."""
+
+
 class TooLarge(Exception):
     """A response or event over the byte cap."""
 
@@ -67,7 +71,7 @@ def _error(resp: httpx2.Response, body: bytes) -> ApiStatusError:
             reason = str(doc.get("reason") or "")[:100]
     except ValueError:
         pass
-    cls = Gone if resp.status_code == 410 else ApiStatusError
+    cls = {410: Gone, 404: NotServed}.get(resp.status_code, ApiStatusError)
     return cls(resp.status_code, reason)
 
 

@@ -19,12 +19,15 @@ from typing import Any
 
 from lightkube import AsyncClient
 
-from .api import ALL_NAMESPACES, Api, Gone, status_of
+from .api import ALL_NAMESPACES, Api, Gone, NotServed, status_of
 from .backoff import Backoff
 from .kinds import KINDS, Kind, identity, prune, resource_version
 from .metrics import KubeMetrics
 
 log = logging.getLogger(__name__)
+
+#: seconds between looks for a kind the API server does not serve (a CRD installed later)
+NOT_SERVED_RETRY_S = 30.0
 
 Key = tuple[str, str, str]  # kind, namespace, name
 
@@ -67,6 +70,8 @@ class KubeSource:
         self._objects: dict[Key, dict[str, Any]] = {}
         self._count: dict[str, int] = {k.kind: 0 for k in self._kinds}
         self._listed: set[tuple[str, str]] = set()
+        #: (kind, scope) the API server answered 404 for: their CRD is not installed
+        self._not_served: set[tuple[str, str]] = set()
         self._stopping = asyncio.Event()
         self.synced = asyncio.Event()
         self.resource_versions: dict[tuple[str, str], str | None] = {}  # last seen, for diagnostics
@@ -119,6 +124,20 @@ class KubeSource:
                     attempt += 1
             except asyncio.CancelledError:
                 raise
+            except NotServed:
+                # The API server does not serve this kind (its CRD is not installed): none of it
+                # exists. Said once; the kind counts as listed (empty), so readiness does not
+                # wait for it, and it is looked for again now and then.
+                if (kind.kind, scope) not in self._not_served:
+                    self._not_served.add((kind.kind, scope))
+                    log.warning(
+                        "%s (%s) is not served by the API server in %s (is its CRD installed?); "
+                        "treated as none, looked for again every %.0f s",
+                        kind.kind, kind.api_version, scope, NOT_SERVED_RETRY_S,
+                    )
+                self._listed_now(kind, scope, {})
+                need_list = True
+                await self._sleep(NOT_SERVED_RETRY_S)
             except Gone:
                 # Resuming is impossible: list again at once (what the API expects after a 410).
                 log.info("%s watch in %s: resourceVersion %s gone; listing again", kind.kind, scope, rv)
@@ -152,13 +171,19 @@ class KubeSource:
             if obj is None or ident is None or not self._in_scope(scope, ident[0]):
                 continue
             fresh[(kind.kind, *ident)] = obj
+        if (kind.kind, scope) in self._not_served:
+            self._not_served.discard((kind.kind, scope))
+            log.info("%s is served by the API server in %s now", kind.kind, scope)
+        self._listed_now(kind, scope, fresh)
+        return rv
+
+    def _listed_now(self, kind: Kind, scope: str, fresh: dict[Key, dict[str, Any]]) -> None:
         changed = self._replace(kind, scope, fresh)
         self._listed.add((kind.kind, scope))
         if len(self._listed) == len(self._kinds) * len(self._scopes):
             self.synced.set()
         if changed:
             self._notify()
-        return rv
 
     async def _watch(self, kind: Kind, scope: str, rv: str | None) -> AsyncIterator[str | None]:
         """Apply the events of one watch request; yields the resourceVersion after each."""
