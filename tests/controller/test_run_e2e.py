@@ -34,6 +34,16 @@ def distinct_ports(n: int) -> list[int]:
     return found
 
 
+def example_endpoints(tmp_path: Path, extsvc_port: int, backend_port: int, listen: int) -> Path:
+    """The ``--endpoints`` file that puts the example's Services and port 80 on loopback."""
+    path = tmp_path / "endpoints.yaml"
+    path.write_text(
+        f"services:\n  demo/extsvc: 127.0.0.1:{extsvc_port}\n  demo/backend: 127.0.0.1:{backend_port}\n"
+        f"listeners:\n  '80': 127.0.0.1:{listen}\n"
+    )
+    return path
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
     async with asyncio.timeout(timeout):
         while not await check():
@@ -63,12 +73,7 @@ async def test_a_folder_edit_reaches_envoy_over_ads(tmp_path: Path, mode: str) -
     files = pki(tmp_path) if mode.endswith("mtls") else {}
     with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
         listen, xds, admin, envoy_admin = distinct_ports(4)
-        endpoints = tmp_path / "endpoints.yaml"
-        endpoints.write_text(
-            f"services:\n  demo/extsvc: 127.0.0.1:{extsvc.grpc_port}\n"
-            f"  demo/backend: 127.0.0.1:{backend.port}\n"
-            f"listeners:\n  '80': 127.0.0.1:{listen}\n"
-        )
+        endpoints = example_endpoints(tmp_path, extsvc.grpc_port, backend.port, listen)
         running = Running(RunConfig(
             paths=[folder],
             options=load_endpoints(endpoints),
@@ -136,12 +141,7 @@ async def test_an_edit_through_the_kubernetes_api_reaches_envoy(tmp_path: Path) 
 
     with EchoBackend() as backend, ExtsvcProcess(EXAMPLE / "extsvc.yaml") as extsvc:
         listen, xds, admin, envoy_admin = distinct_ports(4)
-        endpoints = tmp_path / "endpoints.yaml"
-        endpoints.write_text(
-            f"services:\n  demo/extsvc: 127.0.0.1:{extsvc.grpc_port}\n"
-            f"  demo/backend: 127.0.0.1:{backend.port}\n"
-            f"listeners:\n  '80': 127.0.0.1:{listen}\n"
-        )
+        endpoints = example_endpoints(tmp_path, extsvc.grpc_port, backend.port, listen)
         async with emulated_cluster() as cluster:
             await seed(cluster)
             running = Running(RunConfig(
