@@ -117,6 +117,10 @@ class ExtsvcServer:
             "last_rejected": self.loader.last_rejected,
             "policies": sorted(runtime.policies) if runtime else [],
             "default_policy": runtime.config.default_policy if runtime else None,
+            "extproc_policies": sorted(runtime.extproc.policies) if runtime and runtime.extproc else [],
+            "extproc_default_policy": (
+                runtime.extproc.config.default_policy if runtime and runtime.extproc else None
+            ),
             "plugins": [p.describe() for p in self.host.plugins],
             "ratelimit_domains": self.ratelimit.domains,
             "ratelimit_problems": self.ratelimit.problems,

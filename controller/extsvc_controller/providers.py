@@ -91,6 +91,19 @@ def provider(t: Context, policy: Policy, ref: model.NamespacedRef, kind: str) ->
                 f"{name}: filterStage Route/After (upstream filter) is not supported; "
                 "placed just before the router"
             )
+        mode = proc.processing_mode
+        cut = [f"{which} {body}" for which, body in (("request", mode.request_body_mode),
+                                                    ("response", mode.response_body_mode))
+               if body in _HELD_BODY_MODES] if mode is not None else []
+        if proc.fail_open and cut:
+            # Envoy's failure_mode_allow: when extsvc fails mid-body, the rest of the body goes
+            # on unprocessed -- after a processor that holds chunks back, only its tail.
+            policy.warnings.append(
+                f"{name}: failOpen (kgateway's default) with a {' and '.join(cut)} body: if "
+                "extsvc fails mid-body, Envoy sends the rest of it on unprocessed, so a processor "
+                "that collects the body (json-redact) lets only its tail through; set failOpen: "
+                "false where bodies are redacted (or json-redact's collect: envoy)"
+            )
         key = (STAGES[stage.stage] * 3 + PREDICATE[stage.predicate], 1, -stage.weight, name)
         return Provider(
             name, kind, key,
@@ -104,6 +117,10 @@ def provider(t: Context, policy: Policy, ref: model.NamespacedRef, kind: str) ->
         (STAGES["RateLimit"] * 3, 2, 0, name),
         _filter(t, name, cname, lambda: envoy.ratelimit_filter(name, limit, cname)),
     )
+
+
+#: body modes in which a processor may hold chunks back (answered empty) until the body ends
+_HELD_BODY_MODES = ("STREAMED", "BUFFERED_PARTIAL")
 
 
 def _filter(t: Context, name: str, cluster: str, build: Callable[[], envoy.HttpFilter]) -> envoy.HttpFilter:

@@ -123,6 +123,8 @@ async def compile_policy(
                     metrics.extproc_processor_errors.labels(policy_name, step.label, "timeout")
                 ),
                 fixed=fixed,
+                reads=declared_set(processor, "reads", where, step.plugin),
+                whole_bodies=declared_set(processor, "whole_bodies", where, step.plugin),
             )
         )
     return CompiledExtprocPolicy(
@@ -155,3 +157,14 @@ def fixed_headers(
                 )
         fixed.append(changes)
     return tuple(fixed)
+
+
+def declared_set(processor: object, attribute: str, where: str, kind: str) -> frozenset[Phase]:
+    """A processor's ``reads`` or ``whole_bodies``, as phases (``whole_bodies``: body phases)."""
+    try:
+        phases = frozenset(Phase(p) for p in getattr(processor, attribute, ()) or ())
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: processor {kind!r}: {attribute} must be phases: {exc}") from None
+    if attribute == "whole_bodies" and (bad := [p.value for p in phases if not p.is_body]):
+        raise ConfigError(f"{where}: processor {kind!r}: whole_bodies lists {', '.join(bad)}, not a body")
+    return phases

@@ -17,8 +17,9 @@ class Phase(StrEnum):
     """The six messages Envoy may send on an ext_proc stream (docs/internals/envoy-behaviour.md §3.2).
 
     Each member also has the plain attributes ``field`` (the protobuf oneof name), ``number``
-    (0..5), ``is_request``, ``is_headers``, ``is_body`` and ``is_trailers``: they are read for
-    every message, and plain attributes cost a fraction of Enum properties.
+    (0..5), ``is_request``, ``is_headers``, ``is_body``, ``is_trailers`` and ``body_phase``
+    (the body phase of the same direction): they are read for every message, and plain
+    attributes cost a fraction of Enum properties.
     """
 
     REQUEST_HEADERS = "request_headers"
@@ -34,6 +35,7 @@ class Phase(StrEnum):
     is_headers: bool
     is_body: bool
     is_trailers: bool
+    body_phase: Phase
 
 
 for _index, _phase in enumerate(Phase):
@@ -43,6 +45,8 @@ for _index, _phase in enumerate(Phase):
     _phase.is_headers = _phase.value.endswith("headers")
     _phase.is_body = _phase.value.endswith("body")
     _phase.is_trailers = _phase.value.endswith("trailers")
+for _phase in Phase:
+    _phase.body_phase = Phase.REQUEST_BODY if _phase.is_request else Phase.RESPONSE_BODY
 
 
 class BodyMode(StrEnum):
@@ -345,7 +349,12 @@ class HttpMessage:
             _replay(headers, (op,))
 
     def set_body(self, body: bytes) -> None:
-        """Replace the body (or this chunk). In BUFFERED mode extsvc fixes ``content-length``."""
+        """Replace the body (or this chunk). In BUFFERED mode extsvc fixes ``content-length``.
+
+        On a trailers message in FULL_DUPLEX_STREAMED mode: a last body chunk, sent on before
+        the trailers (how a processor that collected the body's chunks sends them on when the
+        body ends with trailers). In other modes a trailers message cannot carry a body.
+        """
         self._body = bytes(body)
         self.ops.append((OP_BODY, self._body))
 
@@ -472,9 +481,23 @@ class Processor:
     out from the hooks the subclass overrides; set it (on the class or in ``__init__``) when it
     depends on the config. extsvc asks Envoy (``mode_override``) not to send the messages that
     no processor of the policy needs.
+
+    ``reads`` declares the messages the processor reads from a later hook without a hook of its
+    own for them -- a body processor that looks at the direction's ``content-type`` reads that
+    direction's headers. Envoy is then never told to skip them, but no hook is called for them.
+
+    ``whole_bodies`` declares the body phases the processor must see whole: the first answer's
+    ``mode_override`` then asks Envoy to buffer them (``BUFFERED`` in place of ``STREAMED`` or
+    ``BUFFERED_PARTIAL``), so Envoy forwards nothing of such a body before extsvc answered it
+    and refuses one over its buffer limit (413). Envoy ignores the override with
+    ``FULL_DUPLEX_STREAMED``, with ``send_body_without_waiting_for_header_response``, without
+    ``allow_mode_override`` or when ``allowed_override_modes`` leaves it out: check
+    :attr:`HttpMessage.body_mode` in the hook.
     """
 
     phases: frozenset[Phase] | None = None
+    reads: frozenset[Phase] = frozenset()
+    whole_bodies: frozenset[Phase] = frozenset()
 
     def fixed_headers(self, phase: Phase, /) -> HeaderChanges | None:
         """The header changes this processor makes in ``phase`` when they never depend on the

@@ -32,6 +32,9 @@ class CompiledProcessor:
     overran: Any  # Counter child {reason="timeout"}
     #: per phase (by ``Phase.number``) what ``fixed_headers`` answered (headers phases only)
     fixed: tuple[HeaderChanges | None, ...] = (None,) * len(Phase)
+    #: messages it reads without a hook (``Processor.reads``), bodies it needs whole
+    reads: frozenset[Phase] = frozenset()
+    whole_bodies: frozenset[Phase] = frozenset()
 
 
 class FixedAnswer:
@@ -79,6 +82,10 @@ class CompiledExtprocPolicy:
         self.phases = frozenset(phase for phase in Phase if self.chains[phase.number])
         #: ``needs[phase.number]``: the same as a tuple, for the per-message check
         self.needs = tuple(bool(chain) for chain in self.chains)
+        #: the phases Envoy must keep sending: those with hooks, and those read without one
+        self.wanted = self.phases.union(*(p.reads for p in processors))
+        #: body phases a processor needs whole (mode_override asks Envoy to buffer them)
+        self.whole_bodies = frozenset[Phase]().union(*(p.whole_bodies for p in processors))
         #: per phase: the prebuilt answer when every processor's changes are fixed (headers
         #: phases only; see Processor.fixed_headers), else None
         self.fixed: tuple[FixedAnswer | None, ...] = tuple(

@@ -99,6 +99,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                     answers = await stream.run(answers)
                 elif stream.unknown_policy and stream.received == 1:
                     self._log_unknown(stream.policy_name, stream.exchange.request_id)
+                # answered: Envoy may reset the stream as soon as it has the last answer, even
+                # while grpc is still completing the write
+                between = True
                 for response in answers:
                     await write(response)
         except ProtocolError as exc:
@@ -113,17 +116,19 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"extsvc: {exc}")
         except asyncio.CancelledError:
-            # Envoy reset the stream. Between messages that is how it ends some streams (after
-            # the answer to a local reply's response headers, or when the client went away);
-            # while a message was being processed it means the answer came too late.
-            outcome = "reset" if between else "cancelled"
+            # Envoy reset the stream. Between messages that is one of its two ways of ending a
+            # stream (the other is a half-close), judged below by what the stream did; while a
+            # message was being processed it means Envoy stopped waiting for the answer
+            # (message_timeout, or the client went away).
+            if not between:
+                outcome = "cancelled"
             raise
         finally:
             self.open_streams -= 1
             self._active.dec()
             label = stream.policy_name
-            # What the stream did wins over how Envoy ended it (half-close or reset).
-            if outcome in ("ok", "reset"):
+            # What the stream did, not how Envoy ended it (half-close or reset).
+            if outcome == "ok":
                 if stream.unknown_policy:
                     outcome = "unknown-policy"
                     if label:  # a name from the request: one label value for all of them
@@ -132,6 +137,9 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                     outcome = "immediate"
                 elif not label:  # no policy chosen: passed through (unselected)
                     outcome = "unselected"
+                elif stream.body_unfinished:  # a body's end never came (docs/extproc.md)
+                    outcome = "incomplete"
+                    self._log_incomplete(label, stream.exchange.request_id)
             elif stream.unknown_policy and label:
                 label = UNKNOWN_POLICY_LABEL
             children = self._children.get((label, outcome))
@@ -167,6 +175,17 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 f"unknown policy {printable(name)}" if name
                 else "no policy chosen and no extproc.default_policy",
                 held, request_id,
+            )
+
+    def _log_incomplete(self, policy: str, request_id: str) -> None:
+        held = self._throttle.allow("incomplete")
+        if held is not None:
+            log.warning(
+                "ext_proc stream of policy %s ended before the end of a body it was sent: the "
+                "client or upstream went away, Envoy cut the body at its buffer limit "
+                "(BUFFERED_PARTIAL), or trailers ended it that Envoy did not send; a processor "
+                "holding chunks back lost them (%d more since the last report) [request_id=%s]",
+                printable(policy), held, request_id,
             )
 
     def _bind(self, policy: str, outcome: str) -> tuple[Any, Any, Any, Any]:

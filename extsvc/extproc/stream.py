@@ -63,6 +63,8 @@ class _Direction:
 
     headers_seen = False
     body_started = False
+    #: a BUFFERED body was seen (whole, even when its message did not end the direction)
+    body_whole = False
     done = False
     replaced = False
 
@@ -214,16 +216,20 @@ class ExtprocStream:
         observe_only = event.observability
         end_of_stream = event.end_of_stream
         body = b""
-        if isinstance(event, BodyEvent):
-            body = event.body
+        if isinstance(event, HeadersEvent):
+            body_mode, duplex = BodyMode.NONE, False
+        else:
             body_mode = (
                 exchange.request_body_mode if phase.is_request else exchange.response_body_mode
             )
+            # a trailers message in FULL_DUPLEX_STREAMED may be preceded by a last body chunk
             duplex = body_mode is BodyMode.FULL_DUPLEX_STREAMED
-        else:
-            body_mode, duplex = BodyMode.NONE, False
+            if isinstance(event, BodyEvent):
+                body = event.body
+                if body_mode is BodyMode.BUFFERED:
+                    direction.body_whole = True
         if direction.replaced or not policy.needs[phase.number]:
-            response: Any = _unchanged(phase, body, end_of_stream, duplex)
+            response: Any = _unchanged(phase, body, end_of_stream, duplex and phase.is_body)
         elif (fixed := policy.fixed[phase.number]) is not None:
             # Every processor's changes are fixed (headers phases): record them for later
             # readers (the decoded headers were reset above) and send the prebuilt answer.
@@ -254,7 +260,14 @@ class ExtprocStream:
         if message.replace_requested:
             direction.replaced = True
         response: Any
-        if duplex and not message.body and not end_of_stream:
+        if phase.is_trailers:
+            response = convert.answer(message)
+            if duplex and message.body and not observe_only:
+                # a collected body's last chunk goes on before the trailers' answer
+                chunk = convert.echo_chunk(phase.body_phase, message.body, False)
+                self.sent += 1
+                return [chunk, *self._answered(phase, direction, response, end_of_stream, observe_only)]
+        elif duplex and not message.body and not end_of_stream:
             response = None  # nothing to pass on for this chunk yet
         elif (phase.is_headers and (memo := policy.answers[phase.number]) is not None
               and not message.replace_requested and not message.clear_route_cache_requested
@@ -293,6 +306,16 @@ class ExtprocStream:
             return _NOTHING
         self.sent += 1
         return [response]
+
+    @property
+    def body_unfinished(self) -> bool:
+        """Whether a body began and its end was never seen: not its last chunk, no trailers and
+        not BUFFERED (the client or upstream went away mid-body, Envoy cut a BUFFERED_PARTIAL
+        body at its buffer limit, or trailers were not sent)."""
+        return any(
+            d.body_started and not d.done and not d.body_whole and not d.replaced
+            for d in (self._request, self._response)
+        )
 
     def _ended(self, phase: Phase, direction: _Direction, end_of_stream: bool) -> None:
         """A message of ``direction`` was answered: the direction ends with ``end_of_stream``;
@@ -386,11 +409,20 @@ class ExtprocStream:
         if BodyMode.FULL_DUPLEX_STREAMED in configured:
             # Envoy ignores it with FULL_DUPLEX_STREAMED: docs/internals/envoy-behaviour.md §3.4
             return response
-        needs = policy.phases
-        request_body = configured[0] if Phase.REQUEST_BODY in needs else BodyMode.NONE
-        response_body = configured[1] if Phase.RESPONSE_BODY in needs else BodyMode.NONE
-        skip_headers = phase is Phase.REQUEST_HEADERS and Phase.RESPONSE_HEADERS not in needs
-        if (request_body, response_body) == configured and not skip_headers:
+        wanted = policy.wanted
+        request_body = _body_mode(configured[0], Phase.REQUEST_BODY, policy)
+        response_body = _body_mode(configured[1], Phase.RESPONSE_BODY, policy)
+        # Response headers are skipped only when no response body is asked for either: with
+        # them skipped, Envoy 1.40 never ends a BUFFERED_PARTIAL response over its buffer limit
+        # and cuts a BUFFERED one (docs/internals/envoy-behaviour.md §3.4).
+        skip_headers = (
+            phase is Phase.REQUEST_HEADERS and Phase.RESPONSE_HEADERS not in wanted
+            and response_body is BodyMode.NONE
+        )
+        request_trailers = Phase.REQUEST_TRAILERS in wanted
+        response_trailers = Phase.RESPONSE_TRAILERS in wanted
+        if ((request_body, response_body) == configured and not skip_headers
+                and not request_trailers and not response_trailers):
             return response
         self.override_sent = True
         exchange.request_body_mode, exchange.response_body_mode = request_body, response_body
@@ -407,12 +439,29 @@ class ExtprocStream:
                 request_body=request_body,
                 response_body=response_body,
                 skip_response_headers=skip_headers,
-                request_trailers=Phase.REQUEST_TRAILERS in needs,
-                response_trailers=Phase.RESPONSE_TRAILERS in needs,
+                request_trailers=request_trailers,
+                response_trailers=response_trailers,
             )
             if shared:
                 policy.override_memo[key] = overridden
         return overridden
+
+
+_COLLECTED_BY_ENVOY = (BodyMode.STREAMED, BodyMode.BUFFERED_PARTIAL)
+
+
+def _body_mode(configured: BodyMode, phase: Phase, policy: CompiledExtprocPolicy) -> BodyMode:
+    """The body mode the override asks for: NONE when nothing reads the body; BUFFERED in
+    place of a streamed mode for a body a processor needs whole, and in place of a response's
+    BUFFERED_PARTIAL (Envoy 1.40 may never end a BUFFERED_PARTIAL response over its buffer
+    limit, whatever the answer: docs/internals/envoy-behaviour.md §3.3); else the configured one."""
+    if phase not in policy.wanted:
+        return BodyMode.NONE
+    if configured is BodyMode.BUFFERED_PARTIAL and phase is Phase.RESPONSE_BODY:
+        return BodyMode.BUFFERED
+    if phase in policy.whole_bodies and configured in _COLLECTED_BY_ENVOY:
+        return BodyMode.BUFFERED
+    return configured
 
 
 def _unchanged(phase: Phase, body: bytes, end_of_stream: bool, duplex: bool) -> Any:

@@ -163,10 +163,12 @@ class ConfigLoader:
                 "notes": notes,
             }
             self.last_rejected = None
+            extproc = runtime.extproc
             log.info(
-                "config %s loaded: generation %d in %.0f ms, %s",
+                "config %s loaded: generation %d in %.0f ms, ext_authz %s; ext_proc %s",
                 source, self._generation, (time.perf_counter() - began) * 1000,
                 summarize_names("policies", runtime.policies),
+                summarize_names("policies", extproc.policies if extproc is not None else ()),
             )
             for note in notes:
                 log.warning("config %s: %s", source, note)

@@ -121,7 +121,8 @@ class EchoBackend:
     repeated headers comma-joined); the reply carries ``x-backend: echo``. Chunked request bodies
     are read (their trailers kept in ``requests``); a request with ``x-echo-chunks: N`` gets its
     reply chunked in N flushed pieces, one with ``x-echo-trailers: name=value,...`` gets it chunked
-    with those trailers.
+    with those trailers; ``x-echo-content-type`` sets the reply's ``content-type`` (default
+    ``application/json``) and ``x-echo-pad: N`` adds a ``"pad"`` string of N bytes to the reply.
     ``requests`` keeps what arrived, for assertions about what Envoy forwarded.
     """
 
@@ -159,12 +160,16 @@ class EchoBackend:
                     key = name.lower()
                     headers[key] = f"{headers[key]},{value}" if key in headers else value
                 requests.append(EchoedRequest(self.command, self.path, headers, body, trailers))
-                payload = json.dumps(
-                    {"method": self.command, "path": self.path, "headers": headers,
-                     "body": body.decode("utf-8", "replace")}
-                ).encode()
+                reply: dict[str, str | dict[str, str]] = {
+                    "method": self.command, "path": self.path, "headers": headers,
+                    "body": body.decode("utf-8", "replace"),
+                }
+                pad = headers.get("x-echo-pad", "")
+                if pad.isdigit():
+                    reply["pad"] = "p" * min(int(pad), 64 * 1024 * 1024)
+                payload = json.dumps(reply).encode()
                 self.send_response(200)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", headers.get("x-echo-content-type", "application/json"))
                 self.send_header("x-backend", "echo")
                 chunks = int(headers.get("x-echo-chunks", "0") or 0)
                 reply_trailers = [

@@ -120,6 +120,9 @@ class ScriptProcessorConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     phases: list[Phase]
+    #: ``Processor.reads`` and ``Processor.whole_bodies``
+    reads: list[Phase] = Field(default_factory=list)
+    whole_bodies: list[Phase] = Field(default_factory=list)
     set: dict[str, str] = Field(default_factory=dict)
     append: dict[str, str] = Field(default_factory=dict)
     remove: list[str] = Field(default_factory=list)
@@ -156,6 +159,8 @@ class ScriptedProcessor(Processor):
         self.label = ctx.step
         self.plugin = plugin
         self.phases = frozenset(config.phases)
+        self.reads = frozenset(config.reads)
+        self.whole_bodies = frozenset(config.whole_bodies)
         for phase in config.phases:
             setattr(self, f"on_{phase.value}", self._run)
 

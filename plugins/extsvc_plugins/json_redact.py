@@ -13,13 +13,21 @@ A document nested deeper than ``max_depth`` (default 128) fails the processor, a
 policy's ``on_error`` (counted in ``extsvc_plugin_json_redact_too_deep_total``); it is found by a
 scan of the raw bytes before parsing, so no depth reaches Python's recursion limit.
 
-Works on BUFFERED bodies (extsvc then fixes ``content-length``, docs/internals/envoy-behaviour.md §3.3) and on
-STREAMED / FULL_DUPLEX_STREAMED ones, which it collects and sends on as one chunk at the end
-(do not use it on bodies followed by trailers in those modes); past ``max_bytes`` it stops
-collecting: what it held goes on with that chunk, the rest as it comes (unredacted, counted as
-skipped). With ``on_error: continue``, a failure on the last chunk of a collected body sends only
-that chunk (the earlier ones were answered empty): use ``on_error: fail`` there. Configure
-Envoy's body mode for the direction(s) you redact.
+Bodies it cannot see whole are refused, never passed on half-redacted (``incomplete: reject``,
+the default; counted in ``extsvc_plugin_json_redact_incomplete_total`` and logged): a body over
+``max_bytes`` and a BUFFERED_PARTIAL body cut at Envoy's buffer limit get 413 (a response: 502).
+``incomplete: pass`` lets those through unchanged (counted as skipped).
+
+Body modes: BUFFERED bodies are redacted as they come (extsvc then fixes ``content-length``,
+docs/internals/envoy-behaviour.md §3.3). STREAMED and FULL_DUPLEX_STREAMED bodies are collected in
+extsvc and sent on as one chunk at the end (``collect: extsvc``, the default); in
+FULL_DUPLEX_STREAMED a body followed by trailers goes on before them, while in STREAMED the chunks
+were already answered, so such a body is refused (500; a response: 502). ``collect: envoy`` asks
+Envoy instead (``mode_override``, which needs ``allow_mode_override``) to buffer a STREAMED or
+BUFFERED_PARTIAL body whole before sending it: Envoy then forwards nothing of a body extsvc has not
+answered, even on a ``failure_mode_allow`` route whose extsvc fails mid-upload, and refuses bodies
+over its buffer limit with 413. The processor reads the ``content-type`` of the directions it
+redacts, so Envoy is never told to skip those headers.
 
 Example::
 
@@ -29,6 +37,8 @@ Example::
         response: [users.*.email, token]
         action: mask          # or drop
         mask: "***"
+        incomplete: reject    # or pass
+        collect: extsvc       # or envoy
 """
 
 from __future__ import annotations
@@ -51,6 +61,16 @@ class Action(StrEnum):
     DROP = "drop"
 
 
+class Incomplete(StrEnum):
+    REJECT = "reject"
+    PASS = "pass"  # noqa: S105 (the word, not a password)
+
+
+class Collect(StrEnum):
+    EXTSVC = "extsvc"
+    ENVOY = "envoy"
+
+
 class JsonRedactConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -58,7 +78,16 @@ class JsonRedactConfig(BaseModel):
     response: list[str] = Field(default_factory=list, description="paths redacted in responses")
     action: Action = Action.MASK
     mask: Any = "***"
-    max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="larger bodies pass unchanged")
+    max_bytes: int = Field(8 * 1024 * 1024, ge=1, description="larger bodies are incomplete")
+    incomplete: Incomplete = Field(
+        Incomplete.REJECT,
+        description="a body it cannot see whole (over max_bytes, cut by Envoy's buffer limit): "
+        "reject (413, a response 502) or pass (unchanged, counted as skipped)",
+    )
+    collect: Collect = Field(
+        Collect.EXTSVC,
+        description="who collects a STREAMED body: extsvc, or envoy (mode_override to BUFFERED)",
+    )
     max_depth: int = Field(
         128, ge=1, le=512, description="deeper documents fail the processor (the policy's on_error)"
     )
@@ -188,8 +217,19 @@ class _Held:
         self.size = 0
 
 
+class _CutShort(Exception):
+    """A body that may have been cut short (BUFFERED_PARTIAL) does not parse."""
+
+
 #: ``exchange.state`` value of a streamed body over max_bytes: its chunks pass as they come
 _PASSING = object()
+
+
+#: the status of a refused body, by direction and reason (a response's is always 502)
+_REQUEST_STATUS = {"too-large": 413, "partial": 413, "trailers": 500}
+#: seconds between two warnings of the same reason (the metric counts every one)
+_WARN_EVERY_S = 10.0
+_STREAMED = (BodyMode.STREAMED, BodyMode.FULL_DUPLEX_STREAMED)
 
 
 class JsonRedact(Processor):
@@ -202,6 +242,11 @@ class JsonRedact(Processor):
         self._mask = config.mask
         self._max = config.max_bytes
         self._max_depth = config.max_depth
+        self._reject = config.incomplete is Incomplete.REJECT
+        self._in_envoy = config.collect is Collect.ENVOY
+        self._log = ctx.logger
+        self._clock = ctx.clock
+        self._warned: dict[str, float] = {}
         self._redacted = ctx.metrics.counter("json_redact_bodies", "Bodies json-redact changed")
         self._skipped = ctx.metrics.counter(
             "json_redact_skipped", "Bodies json-redact left alone (not JSON, too large)"
@@ -209,7 +254,24 @@ class JsonRedact(Processor):
         self._too_deep = ctx.metrics.counter(
             "json_redact_too_deep", "Bodies nested deeper than max_depth (answered per on_error)"
         )
-        self.phases = frozenset(phase for phase, paths in self._paths.items() if paths)
+        self._incomplete = ctx.metrics.counter(
+            "json_redact_incomplete",
+            "Bodies json-redact refused because it could not see them whole (incomplete: reject)",
+        )
+        bodies = frozenset(phase for phase, paths in self._paths.items() if paths)
+        requests = Phase.REQUEST_BODY in bodies
+        responses = Phase.RESPONSE_BODY in bodies
+        # trailers: where a collected body that ends with trailers goes on (or is refused)
+        self.phases = bodies | {
+            trailers for trailers, wanted in
+            ((Phase.REQUEST_TRAILERS, requests), (Phase.RESPONSE_TRAILERS, responses)) if wanted
+        }
+        # the content-type of what it redacts: Envoy must keep sending those headers
+        self.reads = frozenset(
+            headers for headers, wanted in
+            ((Phase.REQUEST_HEADERS, requests), (Phase.RESPONSE_HEADERS, responses)) if wanted
+        )
+        self.whole_bodies = bodies if self._in_envoy else frozenset()
 
     async def on_request_body(self, message: HttpMessage, /) -> None:
         self._process(message)
@@ -217,40 +279,107 @@ class JsonRedact(Processor):
     async def on_response_body(self, message: HttpMessage, /) -> None:
         self._process(message)
 
+    async def on_request_trailers(self, message: HttpMessage, /) -> None:
+        self._trailers(message)
+
+    async def on_response_trailers(self, message: HttpMessage, /) -> None:
+        self._trailers(message)
+
     def _process(self, message: HttpMessage) -> None:
         if not _is_json(message.headers.get("content-type")):
             return
         mode = message.body_mode
-        if mode in (BodyMode.STREAMED, BodyMode.FULL_DUPLEX_STREAMED):
-            # Collect the chunks; send them on as one (redacted) chunk with the last one. Past
-            # max_bytes the body passes unchanged: what was held back goes on with this chunk,
-            # and later chunks as they come (held memory stays under max_bytes per stream).
-            key = (self, message.phase)
-            state = message.exchange.state
-            held = state.get(key)
-            if held is _PASSING:
-                return
-            if held is None:
-                held = state[key] = _Held()
-            held.parts.append(message.body)
-            held.size += len(message.body)
-            if held.size > self._max:
-                state[key] = _PASSING
-                self._skipped.inc()
-                message.set_body(b"".join(held.parts))
-                return
-            if not message.end_of_stream:
-                message.set_body(b"")
-                return
-            whole = b"".join(held.parts)
-            message.set_body(self._redacted_body(message.phase, whole) or whole)
+        if mode in _STREAMED:
+            self._collect(message, mode)
             return
-        redacted = self._redacted_body(message.phase, message.body)
+        body = message.body
+        if len(body) > self._max:
+            self._incomplete_body(message, "too-large")
+            return
+        # BUFFERED_PARTIAL without end_of_stream: cut at Envoy's buffer limit -- or whole, with
+        # trailers to follow. A cut JSON document never parses; a whole one does.
+        cut = mode is BodyMode.BUFFERED_PARTIAL and not message.end_of_stream
+        try:
+            redacted = self._redacted_body(message.phase, body, cut)
+        except _CutShort:
+            self._incomplete_body(message, "partial")
+            return
         if redacted is not None:
             message.set_body(redacted)
 
-    def _redacted_body(self, phase: Phase, body: bytes) -> bytes | None:
-        """The redacted body, or ``None`` to leave it as it is."""
+    def _collect(self, message: HttpMessage, mode: BodyMode) -> None:
+        """STREAMED / FULL_DUPLEX_STREAMED: hold the chunks back (answered empty) and send them
+        on as one (redacted) chunk with the last one. Held memory stays under max_bytes."""
+        key = (self, message.phase)
+        state = message.exchange.state
+        held = state.get(key)
+        if held is _PASSING:
+            return
+        if held is None:
+            held = state[key] = _Held()
+            if self._in_envoy and mode is BodyMode.STREAMED:
+                self._warn("not-buffered", "asked Envoy to buffer bodies (collect: envoy), but "
+                           "got a STREAMED one: is allow_mode_override on? Collecting it in extsvc")
+        held.parts.append(message.body)
+        held.size += len(message.body)
+        if held.size > self._max:
+            state[key] = _PASSING
+            if self._reject:
+                self._incomplete_body(message, "too-large")
+                return
+            self._skipped.inc()  # incomplete: pass -- what was held goes on with this chunk
+            message.set_body(b"".join(held.parts))
+            return
+        if not message.end_of_stream:
+            message.set_body(b"")
+            return
+        whole = b"".join(held.parts)
+        state[key] = _PASSING  # done
+        message.set_body(self._redacted_body(message.phase, whole) or whole)
+
+    def _trailers(self, message: HttpMessage) -> None:
+        """Trailers end a body whose last chunk had no ``end_of_stream``: what was collected
+        goes on before them (FULL_DUPLEX_STREAMED) or, in STREAMED, where the chunks were all
+        answered already and a trailers answer carries no body, the message is refused."""
+        body_phase = message.phase.body_phase
+        state = message.exchange.state
+        held = state.get((self, body_phase))
+        if not isinstance(held, _Held) or not held.size:
+            return
+        state[(self, body_phase)] = _PASSING
+        if message.body_mode is BodyMode.FULL_DUPLEX_STREAMED:
+            whole = b"".join(held.parts)
+            redacted = self._redacted_body(body_phase, whole)
+            message.set_body(redacted or whole)
+        else:
+            self._incomplete_body(message, "trailers", always=True)
+
+    def _incomplete_body(self, message: HttpMessage, reason: str, *, always: bool = False) -> None:
+        """A body it cannot see whole: refused (``incomplete: reject``, or ``always`` when what
+        was held back is lost anyway), else passed on unchanged and counted as skipped."""
+        if not (self._reject or always):
+            self._skipped.inc()
+            return
+        self._incomplete.inc()
+        request = message.phase.is_request
+        status = _REQUEST_STATUS[reason] if request else 502
+        direction = "request" if request else "response"
+        self._warn(reason, f"refused a {direction} body it could not see whole ({reason}): "
+                   f"answered {status}")
+        message.respond(status, f"{direction} body could not be inspected\n",
+                        {"content-type": "text/plain"}, details=f"extsvc_json_redact_{reason}")
+
+    def _warn(self, reason: str, text: str) -> None:
+        now = self._clock()
+        if now - self._warned.get(reason, -_WARN_EVERY_S) >= _WARN_EVERY_S:
+            self._warned[reason] = now
+            self._log.warning("json-redact %s", text)
+
+    def _redacted_body(self, phase: Phase, body: bytes, cut: bool = False) -> bytes | None:
+        """The redacted body, or ``None`` to leave it as it is.
+
+        :raises _CutShort: ``cut`` (the body may be cut short) and it does not parse.
+        """
         if not body or len(body) > self._max:
             if body:
                 self._skipped.inc()
@@ -261,6 +390,8 @@ class JsonRedact(Processor):
         try:
             document = _loads(body)
         except ValueError:  # also UnicodeDecodeError
+            if cut:
+                raise _CutShort from None
             self._skipped.inc()
             return None
         changed = False

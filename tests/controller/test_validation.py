@@ -156,3 +156,44 @@ def test_explain_shows_the_invalid_extension(tmp_path: Path) -> None:
         f"extauth: gateway extension demo/broken is invalid: {INVALID}\n"
     ) in text
     assert "demo/uses-missing: extauth: demo/missing: gateway extension not found\n" in text
+
+
+# --- a fail-open ext_proc extension with a body a processor may hold back -----------------------------
+
+FAIL_OPEN = """
+apiVersion: gateway.kgateway.dev/v1alpha1
+kind: GatewayExtension
+metadata: {{name: bodies, namespace: demo}}
+spec:
+  type: ExtProc
+  extProc:
+    grpcService: {{backendRef: {{name: extsvc, port: 9001}}}}
+    {fail_open}
+    processingMode: {{requestBodyMode: STREAMED, responseBodyMode: BUFFERED}}
+---
+apiVersion: gateway.kgateway.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: redact, namespace: demo}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: shop}}]
+  extProc: {{extensionRef: {{name: bodies}}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("fail_open", "warned"), [("", True), ("failOpen: true", True), ("failOpen: false", False)]
+)
+def test_a_fail_open_extension_with_a_streamed_body_is_warned_about(
+    tmp_path: Path, fail_open: str, warned: bool
+) -> None:
+    path = tmp_path / "failopen.yaml"
+    path.write_text(FAIL_OPEN.format(fail_open=fail_open))
+    result = translate(load([COMMON, path]))
+    (status,) = [s for s in result.statuses if (s.kind, s.name) == ("TrafficPolicy", "redact")]
+    expected = [
+        "ext_proc/demo/bodies: failOpen (kgateway's default) with a request STREAMED body: if extsvc "
+        "fails mid-body, Envoy sends the rest of it on unprocessed, so a processor that collects the "
+        "body (json-redact) lets only its tail through; set failOpen: false where bodies are redacted "
+        "(or json-redact's collect: envoy)"
+    ]
+    assert [w for w in status.warnings if "failOpen" in w] == (expected if warned else [])

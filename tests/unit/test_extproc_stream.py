@@ -353,6 +353,91 @@ async def test_override_on_a_stream_that_begins_with_response_headers(plugin: Sc
     assert answer.mode_override.response_header_mode == 0
 
 
+async def test_override_keeps_the_response_headers_a_processor_reads(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [response_body], reads: [response_headers]}}]")
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    mode = answer.mode_override
+    assert (mode.request_body_mode, mode.response_body_mode, mode.response_header_mode) == (0, 2, 0)
+    # and the message is answered unchanged, without a hook for it
+    reply = headers_message({":status": "200", "content-type": "a/b"}, response=True)
+    [headers] = await stream.feed(reply)
+    assert which(headers) == "response_headers" and plugin.processed == []
+    await stream.feed(body_message(b"x", response=True))
+    assert plugin.processed[0].headers["content-type"] == "a/b"
+
+
+async def test_override_never_skips_the_headers_of_a_response_whose_body_is_wanted(
+    plugin: ScriptPlugin,
+) -> None:
+    # Envoy 1.40 with response headers skipped never ends a BUFFERED_PARTIAL response over its
+    # buffer limit and cuts a BUFFERED one (docs/internals/envoy-behaviour.md §3.4).
+    stream = await scripted_stream(
+        plugin, "processors: [{plugin: script, config: {phases: [response_body]}}]"
+    )
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    assert answer.mode_override.response_header_mode == 0  # DEFAULT: as configured
+
+
+@pytest.mark.parametrize(
+    ("configured", "whole", "expected"),
+    [
+        (("streamed", "streamed"), True, (2, 2)),              # BUFFERED both ways
+        (("buffered_partial", "buffered_partial"), True, (2, 2)),
+        (("buffered_partial", "buffered_partial"), False, (3, 2)),  # a response's: always BUFFERED
+        (("streamed", "streamed"), False, (1, 1)),
+    ],
+)
+async def test_override_buffers_bodies_a_processor_needs_whole(
+    plugin: ScriptPlugin, configured: tuple[str, str], whole: bool, expected: tuple[int, int]
+) -> None:
+    phases = "[request_body, response_body]"
+    extra = f", whole_bodies: {phases}" if whole else ""
+    policy = f"processors: [{{plugin: script, config: {{phases: {phases}{extra}}}}}]"
+    stream = await scripted_stream(plugin, policy)
+    [answer] = await stream.feed(headers_message(POST, modes=configured))
+    mode = answer.mode_override
+    if expected == (1, 1):
+        assert not answer.HasField("mode_override")
+    else:
+        assert (mode.request_body_mode, mode.response_body_mode) == expected
+    # the stream now takes the bodies in the mode Envoy was asked for
+    assert stream.exchange.request_body_mode.value == (
+        "buffered" if expected[0] == 2 else configured[0]
+    )
+
+
+async def test_a_trailers_message_carries_a_collected_body_in_full_duplex(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                   "{phases: [request_trailers], body: 'collected'}}]")
+    await stream.feed(headers_message(POST, modes=("full_duplex_streamed", "none")))
+    answers = await stream.feed(trailers_message({"x-t": "1"}))
+    assert [which(a) for a in answers] == ["request_body", "request_trailers"]
+    chunk = common(answers[0]).body_mutation.streamed_response
+    assert (chunk.body, chunk.end_of_stream) == (b"collected", False)
+    # in other modes a trailers message has no body to carry: one answer
+    other = await scripted_stream(plugin, "processors: [{plugin: script, config: "
+                                  "{phases: [request_trailers], body: 'collected'}}]")
+    await other.feed(headers_message(POST, modes=("streamed", "none")))
+    assert [which(a) for a in await other.feed(trailers_message({"x-t": "1"}))] == ["request_trailers"]
+
+
+BODY_ONLY = "processors: [{plugin: script, config: {phases: [request_body]}}]"
+
+
+async def test_a_body_whose_end_never_came_is_told_apart(plugin: ScriptPlugin) -> None:
+    stream = await scripted_stream(plugin, BODY_ONLY)
+    await stream.feed(headers_message(POST, modes=("streamed", "none")))
+    await stream.feed(body_message(b"a", end_of_stream=False))
+    assert stream.body_unfinished
+    await stream.feed(body_message(b"b", end_of_stream=True))
+    assert not stream.body_unfinished
+    buffered = await scripted_stream(plugin, BODY_ONLY)
+    await buffered.feed(headers_message(POST, modes=("buffered", "none")))
+    await buffered.feed(body_message(b"a", end_of_stream=False))  # trailers to follow, or skipped
+    assert not buffered.body_unfinished  # a BUFFERED body is whole
+
+
 @pytest.mark.parametrize(
     ("policy", "modes", "no_wait"),
     [

@@ -14,7 +14,7 @@ import pytest
 from extsvc.errors import ConfigError
 from extsvc.extproc.stream import ExtprocStream
 from extsvc.observability.metrics import Metrics
-from extsvc.testing.extproc import body_message, headers_message, stream_for
+from extsvc.testing.extproc import body_message, headers_message, stream_for, trailers_message
 from extsvc_plugins.json_redact import _too_deep
 
 from .extproc_kit import common
@@ -151,8 +151,9 @@ def test_the_depth_scan_of_a_large_wide_document_is_quick() -> None:
 
 
 async def test_a_streamed_body_over_max_bytes_stops_being_held() -> None:
-    """Chunks were held until the last one whatever their sum: now at most max_bytes are."""
-    stream = await stream_for(config(extra=", max_bytes: 10"))
+    """Chunks were held until the last one whatever their sum: now at most max_bytes are
+    (``incomplete: pass``; the default refuses the body, below)."""
+    stream = await stream_for(config(extra=", max_bytes: 10, incomplete: pass"))
     await stream.feed(headers_message(POST, modes=("streamed", "none")))
     [first] = await stream.feed(body_message(b'{"passwo', end_of_stream=False))
     assert common(first).body_mutation.body == b""  # held: the body may still be redacted
@@ -160,3 +161,106 @@ async def test_a_streamed_body_over_max_bytes_stops_being_held() -> None:
     assert common(second).body_mutation.body == b'{"password":"pw"'  # over 10: what was held
     [third] = await stream.feed(body_message(b',"x":1}', end_of_stream=True))
     assert not common(third).HasField("body_mutation")  # and the rest as it comes
+
+
+# -- bodies it cannot see whole (incomplete) ---------------------------------------------------------
+
+
+def incomplete_total(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value(
+        "extsvc_plugin_json_redact_incomplete_total", {"plugin": "json-redact", "policy": "p"}
+    ) or 0.0
+
+
+async def test_a_streamed_body_over_max_bytes_is_refused_by_default() -> None:
+    metrics = Metrics()
+    stream = await stream_for(config(extra=", max_bytes: 10"), metrics=metrics)
+    await stream.feed(headers_message(POST, modes=("streamed", "none")))
+    await stream.feed(body_message(b'{"passwo', end_of_stream=False))
+    [refused] = await stream.feed(body_message(b'rd":"pw"', end_of_stream=False))
+    assert refused.immediate_response.status.code == 413
+    assert refused.immediate_response.details == "extsvc_json_redact_too-large"
+    assert incomplete_total(metrics) == 1
+
+
+@pytest.mark.parametrize(("response", "status"), [(False, 413), (True, 502)])
+async def test_a_buffered_body_over_max_bytes_is_refused(response: bool, status: int) -> None:
+    text = config(extra=", max_bytes: 10") if not response else config(extra=", max_bytes: 10").replace(
+        "request:", "response:")
+    stream = await stream_for(text)
+    await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    if response:
+        json_reply = {":status": "200", "content-type": "application/json"}
+        await stream.feed(headers_message(json_reply, response=True))
+    [answer] = await stream.feed(body_message(b'{"password":"pw!"}', response=response))
+    assert answer.immediate_response.status.code == status
+
+
+async def test_a_body_cut_at_envoys_buffer_limit_is_refused_or_passed_as_configured() -> None:
+    cut = b'{"password":"pw","note":"nnnn'  # BUFFERED_PARTIAL, over the limit: no end_of_stream
+    for extra, refused in (("", True), (", incomplete: pass", False)):
+        stream = await stream_for(config(extra=extra))
+        await stream.feed(headers_message(POST, modes=("buffered_partial", "none")))
+        [answer] = await stream.feed(body_message(cut, end_of_stream=False))
+        if refused:
+            assert answer.immediate_response.status.code == 413
+            assert answer.immediate_response.details == "extsvc_json_redact_partial"
+        else:
+            assert not common(answer).HasField("body_mutation")
+
+
+async def test_a_whole_partial_mode_body_followed_by_trailers_is_redacted() -> None:
+    stream = await stream_for(config())
+    await stream.feed(headers_message(POST, modes=("buffered_partial", "none")))
+    [answer] = await stream.feed(body_message(b'{"password":"pw"}', end_of_stream=False))
+    assert json.loads(common(answer).body_mutation.body) == {"password": "***"}
+
+
+async def test_full_duplex_chunks_collected_go_on_before_the_trailers() -> None:
+    stream = await stream_for(config())
+    await stream.feed(headers_message(POST, modes=("full_duplex_streamed", "none")))
+    assert await stream.feed(body_message(b'{"password":', end_of_stream=False)) == []
+    answers = await stream.feed(trailers_message({"x-t": "1"}))
+    assert [a.WhichOneof("response") for a in answers] == ["request_body", "request_trailers"]
+    chunk = common(answers[0]).body_mutation.streamed_response
+    assert chunk.body == b'{"password":' and not chunk.end_of_stream  # not JSON: as it came
+    stream = await stream_for(config())
+    await stream.feed(headers_message(POST, modes=("full_duplex_streamed", "none")))
+    await stream.feed(body_message(b'{"password":', end_of_stream=False))
+    await stream.feed(body_message(b'"pw"}', end_of_stream=False))
+    answers = await stream.feed(trailers_message({"x-t": "1"}))
+    assert json.loads(common(answers[0]).body_mutation.streamed_response.body) == {"password": "***"}
+
+
+async def test_streamed_chunks_cut_off_by_trailers_are_refused_whatever_incomplete_says() -> None:
+    for extra in ("", ", incomplete: pass"):  # what was held is lost either way: never a 200
+        stream = await stream_for(config(extra=extra))
+        await stream.feed(headers_message(POST, modes=("streamed", "none")))
+        await stream.feed(body_message(b'{"password":"pw"}', end_of_stream=False))
+        [answer] = await stream.feed(trailers_message({"x-t": "1"}))
+        assert answer.immediate_response.status.code == 500
+        assert answer.immediate_response.details == "extsvc_json_redact_trailers"
+
+
+async def test_it_reads_the_headers_and_trailers_of_what_it_redacts() -> None:
+    stream = await stream_for(config("[]").replace("request: []", "response: [token]"))
+    [answer] = await stream.feed(headers_message(POST, modes=("buffered", "buffered")))
+    mode = answer.mode_override
+    # request body off; response headers kept (content-type), response trailers asked for
+    assert (mode.request_body_mode, mode.response_body_mode, mode.response_header_mode) == (0, 2, 0)
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (0, 1)
+
+
+async def test_collect_envoy_asks_envoy_to_buffer_streamed_bodies(caplog: pytest.LogCaptureFixture) -> None:
+    stream = await stream_for(config(extra=", collect: envoy"))
+    [answer] = await stream.feed(headers_message(POST, modes=("streamed", "none")))
+    assert answer.mode_override.request_body_mode == 2  # BUFFERED
+    [body] = await stream.feed(body_message(b'{"password":"pw"}', end_of_stream=False))
+    assert json.loads(common(body).body_mutation.body) == {"password": "***"}  # whole, at once
+    # Envoy ignored the override (mode_override off here): collected in extsvc, with a warning
+    stream = await stream_for(config(extra=", collect: envoy", policy="      mode_override: false\n"))
+    await stream.feed(headers_message(POST, modes=("streamed", "none")))
+    with caplog.at_level(logging.WARNING):
+        [held] = await stream.feed(body_message(b'{"password":', end_of_stream=False))
+    assert common(held).body_mutation.body == b""
+    assert "allow_mode_override" in caplog.text
