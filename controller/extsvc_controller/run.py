@@ -13,6 +13,7 @@ status and never block the rest) keeps the last good config serving; it is logge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from .memo import BuildMemo
 from .publish import split
 from .results import Options, Snapshot, Translation
-from .sources import files
+from .sources import files, inotify
 from .translate import translate
 from .xds.cache import SnapshotCache, XdsSnapshot
 
@@ -65,6 +66,11 @@ class ControllerMetrics:
             f"{prefix}_source_errors", "manifest reads that failed (the last good ones kept)",
             registry=registry,
         )
+        self.source_wakeups = Counter(
+            f"{prefix}_folder_wakeups",
+            "folder checks started by a change notice (inotify) rather than the poll interval",
+            registry=registry,
+        )
 
 
 class FolderSource:
@@ -84,6 +90,8 @@ class FolderSource:
         self._snapshot: Snapshot | None = None
         self.synced = asyncio.Event()
         self.on_change: Callable[[], None] = lambda: None
+        #: wake on inotify events (Linux) as well as every interval_s
+        self.use_inotify = True
 
     def snapshot(self) -> Snapshot:
         return self._snapshot or Snapshot(())
@@ -130,11 +138,33 @@ class FolderSource:
         return False
 
     async def run(self) -> None:
-        while True:
-            if await asyncio.to_thread(self.check):
-                log.debug("manifests changed")
-                self.on_change()
-            await asyncio.sleep(self._interval)
+        """Check now, then whenever inotify says a watched directory changed (Linux), and every
+        ``interval_s`` anyway (the only clock where inotify is missing)."""
+        wake = asyncio.Event()
+        watcher = inotify.open_watcher() if self.use_inotify else None
+        loop = asyncio.get_running_loop()
+        if watcher is not None:
+            def woken() -> None:
+                if watcher.drain():
+                    wake.set()
+
+            loop.add_reader(watcher.fd, woken)
+        try:
+            while True:
+                wake.clear()  # before the check: a change during it wakes the next one
+                if await asyncio.to_thread(self.check):
+                    log.debug("manifests changed")
+                    self.on_change()
+                if watcher is not None:  # new directories too
+                    watcher.watch(await asyncio.to_thread(inotify.directories, self.paths))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self._interval)
+                if wake.is_set():
+                    self._metrics.source_wakeups.inc()
+        finally:
+            if watcher is not None:
+                loop.remove_reader(watcher.fd)
+                watcher.close()
 
 
 class Controller:

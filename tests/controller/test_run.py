@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -188,6 +190,42 @@ async def test_the_folder_loop_publishes_once_per_change_and_only_changed_gatewa
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
+async def test_a_folder_change_is_seen_at_once_not_at_the_next_poll(tmp_path: Path) -> None:
+    folder = _folder(tmp_path)
+    (folder / "sub").mkdir()
+    registry = CollectorRegistry()
+    source = FolderSource([folder], ControllerMetrics(registry), interval_s=60)  # a poll: never
+    changes: list[float] = []
+    source.on_change = lambda: changes.append(time.monotonic())
+    task = asyncio.create_task(source.run())
+    try:
+        async with asyncio.timeout(10):
+            await source.synced.wait()
+        await asyncio.sleep(0.1)
+        for target in (folder / "gateway.yaml", folder / "sub" / "more.yaml"):  # in a subfolder too
+            seen = len(changes)
+            target.write_text(SECOND_GATEWAY if target.name == "more.yaml"
+                              else target.read_text() + "# edited\n")
+            began = time.monotonic()
+            async with asyncio.timeout(5):
+                while len(changes) == seen:
+                    await asyncio.sleep(0.01)
+            assert changes[-1] - began < 2  # not 60 s
+        assert registry.get_sample_value("extsvc_controller_folder_wakeups_total") >= 2
+        # a file replaced by a rename (how editors save) is seen too
+        seen = len(changes)
+        staged = tmp_path / "staged.yaml"
+        staged.write_text((folder / "gateway.yaml").read_text() + "# renamed in\n")
+        os.replace(staged, folder / "gateway.yaml")
+        async with asyncio.timeout(5):
+            while len(changes) == seen:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_admin_answers_probes_and_metrics() -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # <sys/inotify.h>
-_IN_MODIFY = 0x002
 _IN_ATTRIB = 0x004
 _IN_CLOSE_WRITE = 0x008
 _IN_MOVED_FROM = 0x040
@@ -32,8 +31,9 @@ _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
-_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
-         | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF)
+#: not IN_MODIFY: a file half-written is not worth a read (its IN_CLOSE_WRITE follows)
+_MASK = (_IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+         | _IN_DELETE_SELF | _IN_MOVE_SELF)
 #: read at most this much per wake-up: events are only a signal, the rest is read next time
 _READ_BYTES = 64 * 1024
 _EVENT = struct.Struct("iIII")
