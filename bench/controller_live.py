@@ -10,7 +10,8 @@ controller's memory.
    ``x-edit`` request header; the time from the write until a request through Envoy carries it is
    recorded (p50, p99). Target: p99 < 1 s. Two sources: a folder of files (the poll interval,
    ``--poll-interval``, is part of that time) and an emulated Kubernetes API (kmock, as in the
-   tests; an edit is a merge-patch the controller's watch sees at once).
+   tests; an edit is a merge-patch the controller's watch sees at once; another replica holds
+   the Lease and renews it, so the measured controller is a standby that writes no status).
 3. The controller's RSS with that snapshot loaded, and its peak. Target < 200 MB.
 
     .venv/bin/python bench/controller_live.py [--routes 1000] [--edits 50] [--source folder|kube|both]
@@ -187,14 +188,24 @@ class KubeInput:
         # Another replica holds the leader Lease: the measured controller is a standby that serves
         # xDS and writes no status (kmock takes ~150 ms per status patch at 2,000 objects, and
         # 2,000 of them would stand between every edit and the API's answer).
+        self._renew_lease(1)
+
+    def _renew_lease(self, n: int) -> None:
+        """The other replica renews its Lease every 2 s, as a live leader does (a candidate
+        counts a Lease expired after 15 s without a renewal, whatever its duration says)."""
+        import kmock
+
         lease = kmock.resource("coordination.k8s.io", "v1", "leases")
         now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
         self._emulator.objects[lease, "default", "extsvc-controller"] = {
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": {"name": "extsvc-controller", "namespace": "default", "resourceVersion": "1"},
-            "spec": {"holderIdentity": "the-leader", "leaseDurationSeconds": 3600,
-                     "acquireTime": now, "renewTime": now, "leaseTransitions": 0},
+            "metadata": {"name": "extsvc-controller", "namespace": "default",
+                         "resourceVersion": f"lease-{n}"},
+            "spec": {"holderIdentity": "the-leader", "leaseDurationSeconds": 15,
+                     "acquireTime": now, "renewTime": f"{now[:-8]}.{n % 1000000:06d}Z",
+                     "leaseTransitions": 0},
         }
+        self._loop.call_later(2.0, self._renew_lease, n + 1)
 
     def args(self) -> list[str]:
         return ["--kubernetes", "--kubeconfig", str(self.kubeconfig), "--lease-namespace", "default"]

@@ -225,7 +225,6 @@ def _route(
     rule = route.spec.rules[e.rule_index]
     kind = "grpc-" if route.kind == "GRPCRoute" else ""  # an HTTPRoute may have the same name
     rname = f"{kind}{ns}-{name}-rule-{e.rule_index}-match-{e.match_index}"
-    match = _route_match(t, rule.matches[e.match_index])
     # Route-scope policies: ExtensionRef > targetRef with sectionName > whole route
     # (docs/internals/kgateway-translation.md §3.6).
     policies: list[tuple[int, Policy]] = []
@@ -253,11 +252,14 @@ def _route(
     problems += [f"{KGATEWAY}/TrafficPolicy/{p.ref}: {'; '.join(p.errors)}" for p in invalid]
     if vh_invalid:
         problems += [f"{KGATEWAY}/TrafficPolicy/{p.ref}: {'; '.join(p.errors)}" for p in vh_invalid]
-    for _, p in policies:
+    if policies:
         gws = {(pr.namespace or ns, pr.name) for pr in route.spec.parent_refs}
-        p.attached |= {g for g in gws if g in t.gateways}
+        gws = {g for g in gws if g in t.gateways}
+        for _, p in policies:
+            p.attached |= gws
     if problems:
         scope.route_replaced[(route.kind, ns, name)][e.rule_index] = "; ".join(problems)
+        match = _route_match(t, rule.matches[e.match_index])
         return envoy.replaced_route(rname, match), {"": ("", "; ".join(problems))}
     clusters: list[tuple[str, int]] = []
     for b in rule.backend_refs:
@@ -279,6 +281,7 @@ def _route(
     modifier = next(
         (f.request_header_modifier for f in rule.filters if f.type == "RequestHeaderModifier"), None
     )
+    match = _route_match(t, rule.matches[e.match_index])  # only for a route not built before
     built = envoy.route(rname, match, clusters, cfg, envoy.header_options(modifier), origins)
     if key is not None and t.memo is not None:
         # the objects the key names by id stay alive with the entry
@@ -287,10 +290,7 @@ def _route(
 
 
 def _winners_key(winners: Mapping[str, Policy]) -> tuple[object, ...]:
-    return tuple(
-        (name, id(p.spec), p.ref, tuple(sorted((k, v.name) for k, v in p.providers.items())))
-        for name, p in sorted(winners.items())
-    )
+    return tuple((name, p.memo_key()) for name, p in sorted(winners.items()))
 
 
 def scoped_config(

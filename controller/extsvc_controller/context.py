@@ -53,6 +53,7 @@ class Context:
         self.grants: list[model.ReferenceGrant] = list(by["ReferenceGrant"].values())  # type: ignore[arg-type]
         self.extensions: dict[tuple[str, str], model.GatewayExtension] = by["GatewayExtension"]  # type: ignore[assignment]
         self.clusters: dict[str, envoy.Cluster] = {}
+        self._service_clusters: dict[tuple[str, str, int], tuple[str | None, str | None, bool]] = {}
         #: built once per translation and shared: a provider's HTTP filter by (filter name,
         #: cluster), and a scope's per-filter config by its winning policies (ids; the policies
         #: live as long as this context). At 1,000 routes building them again per policy and
@@ -139,7 +140,15 @@ class Context:
         return False
 
     def service_cluster(self, ns: str, name: str, port: int) -> tuple[str | None, str | None, bool]:
-        """(cluster name, error, http2) for one Service port; the cluster is created once."""
+        """(cluster name, error, http2) for one Service port; the cluster is created once, and
+        the answer is remembered for the translation (thousands of routes name a few ports)."""
+        key = (ns, name, port)
+        known = self._service_clusters.get(key)
+        if known is None:
+            known = self._service_clusters[key] = self._service_cluster(ns, name, port)
+        return known
+
+    def _service_cluster(self, ns: str, name: str, port: int) -> tuple[str | None, str | None, bool]:
         svc = self.services.get((ns, name))
         if svc is None:
             return None, f"Service {ns}/{name} not found", False

@@ -52,10 +52,20 @@ class Policy:
     attached: set[tuple[str, str]] = field(default_factory=set)  # gateways (ns, name)
     merged: bool = False
     overridden: bool = False
+    _key: tuple[object, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
         return f"{self.obj_ns}/{self.obj_name}"
+
+    def memo_key(self) -> tuple[object, ...]:
+        """What identifies the policy's part in a built route (see .memo): its spec object,
+        name and providers; made once (providers are settled before any route is built)."""
+        key = self._key
+        if key is None:
+            providers = tuple(sorted((k, v.name) for k, v in self.providers.items()))
+            key = self._key = (id(self.spec), self.ref, providers)
+        return key
 
     def fields(self) -> dict[str, object]:
         spec = self.spec

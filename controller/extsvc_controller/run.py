@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05
 #: ... but never later than this after the first change of a burst
 MAX_DELAY_S = 1.0
+#: builds between two full garbage collections (see Controller._settle_memory)
+FULL_GC_EVERY = 50
 
 StatusSink = Callable[[Translation], Awaitable[None]]
 
@@ -194,6 +197,7 @@ class Controller:
         self._memo = BuildMemo()
         self._writer: asyncio.Task[None] | None = None
         self._waiting: Translation | None = None
+        self._builds_since_full_gc = 0
 
     def changed(self) -> None:
         """Something in the source changed (called by the source, on the event loop)."""
@@ -243,10 +247,25 @@ class Controller:
             (time.perf_counter() - began) * 1000,
         )
         self.built.set()
-        _trim()
+        self._settle_memory()
         if self._sink is not None:
             self._statuses_for(translation)
         return True
+
+    def _settle_memory(self) -> None:
+        """After a build: freeze what it left for Python's garbage collector (``gc.freeze``), so
+        that the collections it runs by itself skip those objects -- a full one over a 1,000-route
+        snapshot is a 300 ms pause, which used to land in the middle of a later build or push.
+        Builds leave no cyclic garbage (measured), but every FULL_GC_EVERY builds a full
+        collection runs anyway, right after a publish. Then freed memory goes back to the
+        system (``malloc_trim``)."""
+        self._builds_since_full_gc += 1
+        if self._builds_since_full_gc >= FULL_GC_EVERY:
+            self._builds_since_full_gc = 0
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
+        _trim()
 
     def _statuses_for(self, translation: Translation) -> None:
         """Hand the statuses to the sink in a task of their own: writing 2,000 statuses to an API

@@ -197,6 +197,14 @@ class Cluster:
         )
         return out
 
+    async def patch_status(self, kind: Kind, ns: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        """A merge-patch of the status subresource (as a controller writes it)."""
+        out: dict[str, Any] = await self._call(
+            "PATCH", self.path(kind, ns, name) + "/status", {"status": status},
+            "application/merge-patch+json",
+        )
+        return out
+
     async def delete(self, kind: Kind, ns: str, name: str) -> None:
         await self._call("DELETE", self.path(kind, ns, name))
 

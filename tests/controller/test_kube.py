@@ -91,6 +91,23 @@ async def test_list_then_live_events_across_namespaces(cluster: Cluster) -> None
         assert (first["kind"], first["apiVersion"]) == ("HTTPRoute", k.HTTPROUTE.api_version)
 
 
+async def test_a_status_only_change_is_kept_but_starts_no_rebuild(cluster: Cluster) -> None:
+    # Every status write (ours too: 2,000 of them after a leader change) comes back as a MODIFIED
+    # event; the translator reads no status, so those must not each cost a snapshot build.
+    await cluster.create(k.HTTPROUTE, "a", "r1", spec={"hostnames": ["a"]})
+    changes: list[int] = []
+    async with running(cluster, on_change=lambda: changes.append(1)) as src:
+        [(_, stamp)] = src.stamped()
+        seen = len(changes)
+        await cluster.patch_status(k.HTTPROUTE, "a", "r1", {"parents": [{"controllerName": CTL}]})
+        await until(lambda: "status" in src.get("HTTPRoute", "a", "r1"), what="the status kept")  # type: ignore[operator]
+        await asyncio.sleep(0.1)
+        assert len(changes) == seen and src.stamped()[0][1] == stamp
+        await cluster.patch(k.HTTPROUTE, "a", "r1", {"metadata": {"labels": {"team": "x"}}})
+        await until(lambda: len(changes) > seen, what="a label change announced")
+        assert src.stamped()[0][1] != stamp
+
+
 async def test_namespace_filter(cluster: Cluster) -> None:
     await cluster.create(k.SERVICE, "a", "s1", spec={})
     await cluster.create(k.SERVICE, "b", "s2", spec={})

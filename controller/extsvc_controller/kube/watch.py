@@ -68,6 +68,10 @@ class KubeSource:
         self._cap = max_objects_per_kind
         self._sleep = sleep
         self._objects: dict[Key, dict[str, Any]] = {}
+        #: per object, a number that moves only when more than its status and resourceVersion
+        #: change: what the translator reads (our own status writes must not cost a rebuild)
+        self._stamps: dict[Key, int] = {}
+        self._stamp = 0
         self._count: dict[str, int] = {k.kind: 0 for k in self._kinds}
         self._listed: set[tuple[str, str]] = set()
         #: (kind, scope) the API server answered 404 for: their CRD is not installed
@@ -83,8 +87,24 @@ class KubeSource:
         keys = sorted(self._objects, key=lambda k: (self._order[k[0]], k[1], k[2]))
         return [self._objects[k] for k in keys]
 
+    def stamped(self) -> list[tuple[dict[str, Any], int]]:
+        """:meth:`objects` with each one's stamp, which changes only when more than the object's
+        status and resourceVersion did (for :class:`~.wiring.ParseCache`)."""
+        stamps = self._stamps
+        keys = sorted(self._objects, key=lambda k: (self._order[k[0]], k[1], k[2]))
+        return [(self._objects[k], stamps[k]) for k in keys]
+
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return self._objects.get((kind, namespace, name))
+
+    def _restamp(self, key: Key, old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+        """Keep ``new`` for ``key``; whether it differs from ``old`` in what is translated."""
+        self._objects[key] = new
+        if old is not None and not translated_change(old, new):
+            return False
+        self._stamp += 1
+        self._stamps[key] = self._stamp
+        return True
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -209,6 +229,7 @@ class KubeSource:
         obj = None if etype == "DELETED" else prune(kind, raw)
         if obj is None:  # deleted, or no longer kept (a Secret whose type changed)
             if self._objects.pop(key, None) is not None:
+                del self._stamps[key]
                 self._count[kind.kind] -= 1
                 self._set_gauge(kind)
                 self._notify()
@@ -223,8 +244,9 @@ class KubeSource:
                 return
             self._count[kind.kind] += 1
             self._set_gauge(kind)
-        self._objects[key] = obj
-        self._notify()
+        if self._restamp(key, old, obj):
+            log.debug("%s %s %s/%s", etype, kind.kind, *ident)
+            self._notify()
 
     def _replace(self, kind: Kind, scope: str, fresh: dict[Key, dict[str, Any]]) -> bool:
         """Replace the scope's objects of ``kind`` by a list's; True if anything changed."""
@@ -237,12 +259,16 @@ class KubeSource:
             fresh = dict(sorted(fresh.items())[:room])
         if old == fresh:
             return False
-        for k in old:
+        for k in old.keys() - fresh.keys():
             del self._objects[k]
-        self._objects.update(fresh)
+            del self._stamps[k]
+        changed = old.keys() != fresh.keys()
+        for k, obj in fresh.items():
+            if old.get(k) != obj:
+                changed = self._restamp(k, old.get(k), obj) or changed
         self._count[kind.kind] = others + len(fresh)
         self._set_gauge(kind)
-        return True
+        return changed
 
     def _set_gauge(self, kind: Kind) -> None:
         self.metrics.objects.labels(kind.kind).set(self._count[kind.kind])
@@ -252,3 +278,19 @@ class KubeSource:
             self._on_change()
         except Exception:  # a broken callback must not stop the watches
             log.exception("on_change failed")
+
+
+def translated_change(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two versions of an object differ in more than ``status`` and
+    ``metadata.resourceVersion``: the translator reads neither, and every status write (ours
+    too) moves both."""
+    if old.keys() - {"status"} != new.keys() - {"status"}:
+        return True
+    for field, value in old.items():
+        if field not in ("status", "metadata") and value != new[field]:
+            return True
+    old_meta, new_meta = old.get("metadata"), new.get("metadata")
+    if not isinstance(old_meta, dict) or not isinstance(new_meta, dict):
+        return old_meta != new_meta
+    return ({k: v for k, v in old_meta.items() if k != "resourceVersion"}
+            != {k: v for k, v in new_meta.items() if k != "resourceVersion"})

@@ -37,14 +37,20 @@ class ParseCache:
     """Raw objects -> a Snapshot, parsing only what changed since the last call."""
 
     def __init__(self) -> None:
-        self._parsed: dict[tuple[str, str, str], tuple[str, Snapshot]] = {}
+        self._parsed: dict[tuple[str, str, str], tuple[object, Snapshot]] = {}
 
-    def snapshot(self, objects: Iterable[Mapping[str, Any]]) -> Snapshot:
-        kept: dict[tuple[str, str, str], tuple[str, Snapshot]] = {}
-        for raw in objects:
+    def snapshot(
+        self, objects: Iterable[Mapping[str, Any] | tuple[Mapping[str, Any], object]]
+    ) -> Snapshot:
+        """``objects``: raw objects, each with its stamp (``KubeSource.stamped()``: it changes
+        when the object does) or alone (the stamp is then its resourceVersion, or a digest)."""
+        kept: dict[tuple[str, str, str], tuple[object, Snapshot]] = {}
+        for item in objects:
+            raw, stamp = item if isinstance(item, tuple) else (item, None)
             meta = raw.get("metadata") or {}
             key = (str(raw.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-            stamp = str(meta.get("resourceVersion") or "") or _digest(raw)
+            if stamp is None:
+                stamp = str(meta.get("resourceVersion") or "") or _digest(raw)
             old = self._parsed.get(key)
             kept[key] = old if old is not None and old[0] == stamp else (
                 stamp, snapshot_from_documents([dict(raw)])
@@ -101,4 +107,4 @@ async def kubernetes_source(
         await client.close()
 
     running.closers.append(close)
-    return lambda: cache.snapshot(source.objects()), sink, tasks
+    return lambda: cache.snapshot(source.stamped()), sink, tasks
