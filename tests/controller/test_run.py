@@ -5,6 +5,7 @@ test_run_e2e.py for the real one)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from extsvc_controller import run as run_module
 from extsvc_controller.admin import AdminServer
 from extsvc_controller.publish import CLUSTER, ENDPOINTS, LISTENER, ROUTES, SECRET, split
 from extsvc_controller.run import Controller, ControllerMetrics, FolderSource
@@ -190,6 +192,29 @@ async def test_the_folder_loop_publishes_once_per_change_and_only_changed_gatewa
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_build_freezes_what_it_left_and_every_nth_collects_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path)
+    metrics = ControllerMetrics(CollectorRegistry())
+    source = FolderSource([folder], metrics)
+    assert source.check()
+    controller = Controller(source.snapshot, Options(endpoints=ENDPOINTS_OPT), SnapshotCache(), metrics)
+    monkeypatch.setattr(run_module, "FULL_GC_EVERY", 2)
+    collections: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    try:
+        gc.unfreeze()
+        assert await controller.build()
+        assert gc.get_freeze_count() > 0 and collections == []  # frozen, no full collection
+        assert await controller.build()
+        assert collections == [1]  # the second build: a full collection, then frozen again
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
