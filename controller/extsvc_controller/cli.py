@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     xds.add_argument("--xds-cert", type=Path, metavar="FILE", help="... client certificate")
     xds.add_argument("--xds-key", type=Path, metavar="FILE", help="... client key")
     runcli.add_parser(sub)
+    crds_p = sub.add_parser(
+        "crds", help="print the GatewayExtension and TrafficPolicy CRDs (kubectl apply -f -)",
+        description="print the GatewayExtension and TrafficPolicy CustomResourceDefinitions "
+        "(gateway.kgateway.dev/v1alpha1) with the schema of the fields extsvc-controller translates",
+    )
+    crds_p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here (default: stdout)")
     sub.choices["explain"].add_argument(
         "route",
         help="NAMESPACE/NAME or NAME of an HTTPRoute, optionally followed by /RULE (rule name or index)",
@@ -215,6 +221,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return runcli.main(args)
+    if args.command == "crds":
+        from .crds import definitions
+
+        text = yaml.safe_dump_all(definitions(), sort_keys=False)
+        if args.output is None:
+            sys.stdout.write(text)
+        else:
+            args.output.write_text(text, encoding="utf-8")
+        return 0
     try:
         if args.command == "render" and args.xds:
             return _xds_bootstrap(args)

@@ -47,6 +47,9 @@ CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
          "config": {"ratelimitDomains": {"api.yaml": DOMAIN}}},
         ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"],
     ),
+    "crds": ({"crds": {"install": True}},
+             ["ConfigMap", "CustomResourceDefinition", "CustomResourceDefinition", "Deployment",
+              "PodDisruptionBudget", "Service"]),
     "mtls-autoscaling-monitoring": (
         {"server": {"tls": {"enabled": True, "secretName": "extsvc-tls", "clientCASecretName": "envoy-ca"},
                     "autoscaling": {"enabled": True}, "podDisruptionBudget": {"enabled": False},
@@ -89,7 +92,7 @@ def test_every_object_carries_the_recommended_labels(case: tuple[str, list[dict[
         assert labels["app.kubernetes.io/name"] == "extsvc"
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["app.kubernetes.io/component"] in ("server", "controller")
+        assert labels["app.kubernetes.io/component"] in ("server", "controller", "crds")
         assert labels["app.kubernetes.io/version"] == labels["helm.sh/chart"].removeprefix("extsvc-")
     for deployment in of_kind(objects, "Deployment"):
         selector = deployment["spec"]["selector"]["matchLabels"]
@@ -130,6 +133,14 @@ def test_the_grpc_service_asks_for_http2_and_drains_on_the_way_out(
     assert pre_stop[:2] == ["python3", "-c"]
     assert pod["terminationGracePeriodSeconds"] > 3 + drain + grace  # preStop, drain, in-flight RPCs
     assert env["EXTSVC_ADMIN_ADDRESS"] == "0.0.0.0:9002"  # the kubelet probes the pod's address
+
+
+def test_crds_come_only_when_asked_and_are_kept_on_uninstall() -> None:
+    assert of_kind(render({}), "CustomResourceDefinition") == []
+    kept = of_kind(render({"crds": {"install": True}}), "CustomResourceDefinition")
+    assert [c["metadata"]["annotations"] for c in kept] == [{"helm.sh/resource-policy": "keep"}] * 2
+    dropped = of_kind(render({"crds": {"install": True, "keep": False}}), "CustomResourceDefinition")
+    assert [c["metadata"].get("annotations") for c in dropped] == [None, None]
 
 
 def test_no_secret_is_ever_in_a_configmap(case: tuple[str, list[dict[str, Any]]]) -> None:
