@@ -3,17 +3,17 @@ comes out, the RBAC it asks for, the policy file it gives the server, and what i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from . import chartkit
+from .chartkit import CHART, of_kind
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk ships Linux x86_64 wheels only")
 
-CHART = Path(__file__).resolve().parents[2] / "helm" / "extsvc"
 RELEASE, NAMESPACE = "edge", "gateway"
 
 DOMAIN = {"domain": "api",
@@ -61,17 +61,7 @@ CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
 
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
-    chart = helm.Chart.load(CHART)
-    out = chart.render(values, name=RELEASE, namespace=NAMESPACE)
-    docs = [
-        doc for path, text in sorted(out.items()) if not path.endswith(".txt")
-        for doc in yaml.safe_load_all(text) if doc
-    ]
-    return sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"]))
-
-
-def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
+    return chartkit.render(values, RELEASE, NAMESPACE)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -192,17 +182,7 @@ def test_the_rendered_policy_file_passes_extsvc_validate(tmp_path: Path) -> None
         "redis", "redis://redis:6379/0", "/etc/extsvc/redis/password", 50
     )
     assert policy["ratelimit"]["config_dir"] == "/etc/extsvc/ratelimit"
-    domains = tmp_path / "ratelimit"
-    domains.mkdir()
-    for name, text in maps[f"{RELEASE}-extsvc-ratelimit"].items():
-        (domains / name).write_text(text)
-    (tmp_path / "password").write_text("s3cr3t-pw")
-    policy["ratelimit"]["config_dir"] = str(domains)
-    store["password_file"] = str(tmp_path / "password")
-    path = tmp_path / "extsvc.yaml"
-    path.write_text(yaml.safe_dump(policy))
-    result = subprocess.run([sys.executable, "-m", "extsvc", "validate", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = chartkit.validate_policy_file(objects, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout and "ext_authz: 2 policies: members, open" in result.stdout
     secret = of_kind(objects, "Secret")[0]
