@@ -268,3 +268,16 @@ def test_every_value_is_described_in_values_yaml() -> None:
         if stripped.endswith(":") or {"file", "resources"} & set(parents):
             continue
         assert lines[number - 1].strip().startswith("#"), f"values.yaml line {number + 1}: {line.strip()!r}"
+
+
+def test_the_alerts_name_only_metrics_extsvc_exports() -> None:
+    import re
+
+    from extsvc.observability.metrics import Metrics
+
+    [rule] = of_kind(render({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    used = set(re.findall(r"\bextsvc_[a-z_]+", yaml.safe_dump(rule["spec"])))
+    exported: set[str] = set()
+    for family in Metrics().registry.collect():
+        exported |= {family.name, f"{family.name}_total"} if family.type == "counter" else {family.name}
+    assert used and used <= exported, used - exported
