@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from extsvc.authz.service import SERVICE_NAME as AUTHZ_SERVICE
 from extsvc.authz.service import AuthorizationService
+from extsvc.deadline import forget, stop_step
 from extsvc.eventloop import running_loop_name
 from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
@@ -298,7 +299,7 @@ class ExtsvcServer:
                     interrupted = True
                     log.info("signal received during start-up: stopping")
                     starting.cancel()
-                    starting.add_done_callback(_retrieve)
+                    starting.add_done_callback(forget)
                     await _bounded("start-up", asyncio.wait({starting}), loop.time() + CLEANUP_S)
             if not interrupted:
                 starting.result()  # a start-up failure (port in use, plugin error) raises here
@@ -325,25 +326,7 @@ class ExtsvcServer:
 
 async def _bounded(what: str, step: Awaitable[object], deadline: float) -> None:
     """Await ``step`` until ``deadline`` (loop time); then cancel it, log it, and go on."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(step)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
-    except BaseException:
-        task.cancel()
-        raise
-    if not done:
-        task.cancel()
-        task.add_done_callback(_retrieve)
-        log.error("shutdown: %s did not end in time; cancelled and abandoned", what)
-        return
-    if not task.cancelled() and task.exception() is not None:
-        log.error("shutdown: %s failed", what, exc_info=task.exception())
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+    await stop_step(what, step, deadline, log)
 
 
 def exposure_warning(settings: Settings) -> str | None:

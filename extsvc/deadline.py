@@ -12,6 +12,7 @@ arming the timer first: the same absolute deadline, the same cancellation on exp
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -201,3 +202,29 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
         raise
     finally:
         guard.disarm()
+
+
+async def stop_step(what: str, step: Awaitable[object], deadline: float, logger: logging.Logger) -> None:
+    """Await one step of a shutdown until ``deadline`` (loop time); past it, cancel the step, log
+    it on ``logger`` and go on (a stop must always end). A step that fails is logged too."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(step)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+    except BaseException:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(forget)
+        logger.error("shutdown: %s did not end in time; cancelled and abandoned", what)
+        return
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("shutdown: %s failed", what, exc_info=task.exception())
+
+
+def forget(task: asyncio.Future[Any]) -> None:
+    """A done callback for a task nobody awaits any more: its exception counts as seen (no
+    "exception was never retrieved" at garbage collection)."""
+    if not task.cancelled():
+        task.exception()

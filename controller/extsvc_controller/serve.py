@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from extsvc.deadline import stop_step
+
 from .admin import AdminServer
 from .results import Options, Snapshot
 from .run import (
@@ -180,9 +182,5 @@ async def main_async(config: RunConfig) -> int:
 
 
 async def _bounded(what: str, step: Awaitable[object], timeout_s: float) -> None:
-    try:
-        await asyncio.wait_for(step, timeout_s)
-    except TimeoutError:
-        log.warning("stopping %s took more than %.0f s; going on", what, timeout_s)
-    except Exception:
-        log.exception("stopping %s failed", what)
+    """Await one step of the stop for at most ``timeout_s``; then cancel it, log it and go on."""
+    await stop_step(what, step, asyncio.get_running_loop().time() + timeout_s, log)

@@ -61,3 +61,37 @@ def test_the_old_fixed_margin_is_a_setting_away() -> None:
 def test_nonsense_margins_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="margin"):
         AnswerMargin(**kwargs)
+
+
+async def test_a_stop_step_always_ends_and_says_why_it_was_cut(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from extsvc.deadline import stop_step
+
+    logger = logging.getLogger("extsvc.test.stop")
+    loop = asyncio.get_running_loop()
+    cancelled: list[bool] = []
+
+    async def hangs() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="extsvc.test.stop"):
+        began = loop.time()
+        await stop_step("the hanging part", hangs(), loop.time() + 0.05, logger)
+        await asyncio.sleep(0)
+        assert loop.time() - began < 1 and cancelled == [True]
+        await stop_step("the failing part", fails(), loop.time() + 1, logger)
+        await stop_step("the quick part", asyncio.sleep(0), loop.time() + 1, logger)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "shutdown: the hanging part did not end in time; cancelled and abandoned",
+        "shutdown: the failing part failed",
+    ]
