@@ -144,13 +144,16 @@ class _Stream:
                 self._room.release()
                 await self._handle(item)
         finally:
+            # The bookkeeping first, with no await before it: when grpc cancels this handler
+            # (Envoy went away) the await below is cut short, and a node left attached would
+            # stay in the ledger for good.
             reader.cancel()
-            await asyncio.wait({reader}, timeout=1.0)
             if self._unwatch is not None:
                 self._unwatch()
             if self._status is not None:
                 self._cache.nodes.detach(self.node_id)
             log.debug("xDS %s stream of node %r closed", self.api, self.node_id)
+            await asyncio.wait({reader}, timeout=1.0)
 
     async def _read(self, requests: Any) -> None:
         try:
