@@ -293,7 +293,8 @@ class _Process:
         return proc.returncode
 
     def __enter__(self) -> Self:
-        self.start()
+        if self._proc is None:  # `with X(...).start() as x` must not start a second process
+            self.start()
         return self
 
     def __exit__(

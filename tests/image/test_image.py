@@ -130,7 +130,7 @@ def test_a_real_envoy_in_front_of_the_image(container: Container) -> None:
         config = with_ports((E2E / "envoy-authz.yaml").read_text(), {
             10000: free_port(), 8081: backend.port, 9001: container.grpc_port, 9901: free_port(),
         })
-        with EnvoyProcess(config).start() as envoy:
+        with EnvoyProcess(config) as envoy:
             allowed = httpx.get(envoy.url("/orders"), headers={"x-user": "ann"})
             denied = httpx.get(envoy.url("/orders"))
     assert allowed.status_code == 200 and json.loads(allowed.content)["headers"]["x-authz"] == "members"
