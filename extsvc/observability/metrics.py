@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
+import platform
 import threading
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -25,7 +27,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
@@ -33,6 +37,14 @@ from prometheus_client import (
 from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("extsvc")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
 
 # The *_created series double every counter for no use here; dashboards use rates.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -152,8 +164,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # process_open_fds / process_max_fds, process_resident_memory_bytes, CPU (Linux /proc)
+        # process_open_fds / process_max_fds, process_resident_memory_bytes, CPU (Linux /proc);
+        # python_info and python_gc_* (collections, objects collected, uncollectable)
         ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        Gauge(
+            "extsvc_build_info", "extsvc's version and Python's (always 1)",
+            ["version", "python"], registry=r, multiprocess_mode="max",
+        ).labels(_version(), platform.python_version()).set(1)
         self._hot: dict[int, tuple[Any, HotCounter | HotGauge | HotHistogram]] = {}
         #: rate-limit domain -> the request-derived ``limit`` label values admitted (see rl_label)
         self._rl_values: dict[str, set[str]] = {}

@@ -88,6 +88,18 @@ async def test_metrics_endpoint_exports_decisions_step_durations_and_reloads(ser
     assert metrics[series("extsvc_config_generation")] == 1
 
 
+async def test_metrics_carry_the_build_and_the_process_and_python_collectors(serve: Serve) -> None:
+    from importlib.metadata import version
+    from platform import python_version
+
+    async with serve(GOOD) as served:
+        metrics = await served.scrape()
+    assert metrics[series("extsvc_build_info", version=version("extsvc"), python=python_version())] == 1
+    assert metrics[series("python_gc_objects_collected_total", generation="0")] >= 0
+    assert any(name == "python_info" for name, _ in metrics)
+    assert metrics[series("process_resident_memory_bytes")] > 0
+
+
 async def test_admin_status_and_unknown_paths(serve: Serve) -> None:
     async with serve(GOOD) as served:
         status = (await served.admin("/status")).json()
