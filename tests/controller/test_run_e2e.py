@@ -52,18 +52,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what:
 
 def pki(directory: Path) -> dict[str, Path]:
     """A server certificate for the ADS server and a client certificate for Envoy."""
-    from service.test_tls import CA
+    from service.test_tls import write_pki
 
-    server_ca, client_ca = CA("controller test server CA"), CA("controller test client CA")
-    server, client = server_ca.issue("localhost"), client_ca.issue("envoy", client=True)
-    files = {
-        "server-ca.crt": server_ca.pem, "client-ca.crt": client_ca.pem,
-        "server.crt": server.cert, "server.key": server.key,
-        "client.crt": client.cert, "client.key": client.key,
-    }
-    for name, data in files.items():
-        (directory / name).write_bytes(data)
-    return {name: directory / name for name in files}
+    return write_pki(directory, "controller")
 
 
 @pytest.mark.parametrize("mode", ["sotw", "delta", "sotw-mtls"])

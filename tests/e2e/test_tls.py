@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from extsvc.testing.harness import EnvoyProcess, ExtsvcProcess
-from service.test_tls import CA
+from service.test_tls import write_pki
 
 from .conftest import HERE, StartEnvoy
 
@@ -43,17 +43,7 @@ def with_upstream_tls(config: str, files: dict[str, Path], *, client_cert: bool)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    server_ca, client_ca = CA("extsvc test server CA"), CA("extsvc test client CA")
-    server, client = server_ca.issue("localhost"), client_ca.issue("envoy", client=True)
-    directory = tmp_path_factory.mktemp("pki")
-    files = {
-        "server-ca.crt": server_ca.pem, "client-ca.crt": client_ca.pem,
-        "server.crt": server.cert, "server.key": server.key,
-        "client.crt": client.cert, "client.key": client.key,
-    }
-    for name, data in files.items():
-        (directory / name).write_bytes(data)
-    return {name: directory / name for name in files}
+    return write_pki(tmp_path_factory.mktemp("pki"), "extsvc")
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,22 @@ class CA:
         )
 
 
+def write_pki(directory: Path, who: str) -> dict[str, Path]:
+    """A server CA and certificate (for localhost) and a client CA and certificate (for Envoy),
+    written into ``directory``: file name -> path (server-ca.crt, client-ca.crt, server.crt,
+    server.key, client.crt, client.key). ``who`` names the CAs."""
+    server_ca, client_ca = CA(f"{who} test server CA"), CA(f"{who} test client CA")
+    server, client = server_ca.issue("localhost"), client_ca.issue("envoy", client=True)
+    files = {
+        "server-ca.crt": server_ca.pem, "client-ca.crt": client_ca.pem,
+        "server.crt": server.cert, "server.key": server.key,
+        "client.crt": client.cert, "client.key": client.key,
+    }
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    return {name: directory / name for name in files}
+
+
 def _builder(subject: x509.Name, public_key: Any, issuer: x509.Name) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.UTC)
     return (
