@@ -32,8 +32,11 @@ from extsvc.extproc.service import SERVICE_NAME as EXTPROC_SERVICE
 from extsvc.extproc.service import ExternalProcessorService
 from extsvc.limits import RequestLimits
 from extsvc.observability.admin import AdminServer
+from extsvc.observability.admin_api import RUN_DIR_ENV, AdminApi, read_token
+from extsvc.observability.decisions import DecisionLog
 from extsvc.observability.health import HealthState
 from extsvc.observability.metrics import Metrics
+from extsvc.observability.tracing import Tracing
 from extsvc.plugin.host import PluginHost
 from extsvc.ratelimit.service import SERVICE_NAME as RLS_SERVICE
 from extsvc.ratelimit.service import RateLimitService
@@ -88,10 +91,26 @@ class ExtsvcServer:
             max_config_bytes=settings.max_config_bytes,
         )
         self.watcher: FileWatcher | None = None
+        self.decisions = DecisionLog(
+            self.metrics, level=settings.decision_log,
+            stdout=settings.decision_log_output == "stdout", sample=settings.decision_log_sample,
+            max_per_second=settings.decision_log_max_per_second,
+            recent=settings.decision_log_recent, max_readers=settings.decision_stream_max_readers,
+            headers=settings.decision_log_headers,
+        )
+        run_dir = os.environ.get(RUN_DIR_ENV)
+        self.admin_api = AdminApi(
+            self.decisions, token=read_token(settings.admin_token_file),
+            run_dir=Path(run_dir) if run_dir else None,
+            worker=int(os.environ.get(WORKER_ENV, "0")),
+        )
+        #: the tracer, when tracing_endpoint is set (built in start(): it starts a thread)
+        self.tracing: Tracing | None = None
         self.admin = AdminServer(
             self.health, self.metrics, self.status,
             max_connections=settings.admin_max_connections,
             request_timeout_s=settings.admin_request_timeout_s,
+            grpc_socket=lambda: self.admin_api.socket_path,
         )
         self._reuse_port = reuse_port
         self._server: Any = None
@@ -132,6 +151,13 @@ class ExtsvcServer:
         self._flusher = asyncio.get_running_loop().create_task(self.metrics.run_flusher())
         await self.host.startup(s)
         await self.health.start()
+        if s.tracing_endpoint:
+            self.tracing = Tracing(
+                s.tracing_endpoint, sample_ratio=s.tracing_sample_ratio,
+                service_name=s.tracing_service_name, descriptor_values=s.tracing_descriptor_values,
+            )
+        self.decisions.start()
+        await self.admin_api.start()
         await self.admin.start(s.admin_address, reuse_port=self._reuse_port)
 
         options = [
@@ -161,11 +187,14 @@ class ExtsvcServer:
             default_timeout_s=s.default_timeout_ms / 1000,
             max_inflight=s.max_authz_inflight,
             limits=limits,
+            decisions=self.decisions,
+            tracing=self.tracing,
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authz, services)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
             ExternalProcessorService(
-                self.holder, self.metrics, max_streams=s.max_extproc_streams, limits=limits
+                self.holder, self.metrics, max_streams=s.max_extproc_streams, limits=limits,
+                decisions=self.decisions, tracing=self.tracing,
             ),
             services,
         )
@@ -175,6 +204,9 @@ class ExtsvcServer:
                 deadline_margin_s=s.deadline_margin_ms / 1000,
                 deadline_margin_ratio=s.deadline_margin_ratio,
                 default_timeout_s=s.default_timeout_ms / 1000,
+                decisions=self.decisions,
+                tracing=self.tracing,
+                decision_values=s.decision_log_descriptor_values,
             ),
             services,
         )
@@ -267,6 +299,10 @@ class ExtsvcServer:
             await _bounded("the shutdown hooks", self.host.shutdown(), deadline)
             self.health.alive = False
             await _bounded("the admin listener", self.admin.stop(), deadline)
+            await _bounded("the admin gRPC API", self.admin_api.stop(), deadline)
+            await _bounded("the decision log", self.decisions.stop(), deadline)
+            if self.tracing is not None:
+                await _bounded("exporting the last spans", self.tracing.stop(), deadline)
         finally:
             if self._flusher is not None:  # its last flush leaves the final counts in place
                 self._flusher.cancel()

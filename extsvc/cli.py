@@ -85,7 +85,70 @@ def _parser() -> argparse.ArgumentParser:
                        ("envoy-admin", "Envoy's admin")):
         demo.add_argument(f"--{name}-port", type=int, default=0,
                           help=f"{what} port on 127.0.0.1 (default 0: any free port)")
+    def stream_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--admin", metavar="HOST:PORT", help="the server's admin address "
+                       "(default: $EXTSVC_ADMIN_ADDRESS, else 127.0.0.1:9002)")
+        p.add_argument("--token-file", type=Path, help="admin token file (default: "
+                       "$EXTSVC_ADMIN_TOKEN_FILE), when the server requires one")
+        p.add_argument("--service", action="append", default=[],
+                       choices=("ext_authz", "ext_proc", "ratelimit"), help="only this service "
+                       "(repeatable)")
+        p.add_argument("--policy", action="append", default=[], help="only this policy or "
+                       "rate-limit domain (repeatable)")
+        p.add_argument("--outcome", action="append", default=[], help="only this outcome: allow, "
+                       "deny, error, over_limit, ok, immediate, ... (repeatable)")
+        p.add_argument("--authority", default="", help="only requests to this :authority")
+        p.add_argument("--path-prefix", default="", help="only paths starting with this")
+        p.add_argument("--this-worker", action="store_true", help="with --workers N: only the "
+                       "worker the connection reaches (default: all of them)")
+
+    tail = sub.add_parser("tail", help="print a running server's decisions (-f: as they are made)")
+    stream_options(tail)
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new decisions")
+    tail.add_argument("-n", "--last", type=int, default=10,
+                      help="first print up to this many recent decisions (default 10)")
+    tail.add_argument("--json", action="store_true", help="one JSON object a line")
+    tail.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour the outcomes (auto: on a terminal)")
+    top = sub.add_parser("top", help="per-policy rates, denial ratios and latency of a running "
+                         "server, refreshed")
+    stream_options(top)
+    top.add_argument("--window", type=float, default=10.0, help="seconds summarised (default 10)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--iterations", type=int, help="stop after this many refreshes")
     return parser
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from extsvc.observability import tail as tail_module
+
+    target = tail_module.Target.of(args.admin, args.token_file, not args.this_worker)
+    query = tail_module.Query(
+        services=args.service, policies=args.policy, outcomes=args.outcome,
+        authority=args.authority, path_prefix=args.path_prefix,
+        recent=max(args.last, 0) if args.command == "tail" else 0,
+        follow=args.follow if args.command == "tail" else True,
+    )
+    try:
+        if args.command == "tail":
+            coroutine = tail_module.tail(
+                target, query, sys.stdout, as_json=args.json,
+                colour=tail_module.use_colour(args.color),
+            )
+        else:
+            coroutine = tail_module.top(
+                target, query, sys.stdout, window_s=args.window, interval_s=args.interval,
+                iterations=args.iterations, clear=sys.stdout.isatty(),
+            )
+        asyncio.run(coroutine)
+    except tail_module.TailError as exc:
+        print(f"extsvc {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `extsvc tail | head`
+        return 0
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -107,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             from extsvc import demo as demo_module
 
             return demo_module.run(args)
+        if args.command in ("tail", "top"):
+            return _stream(args)
         if args.command == "default-config":
             from extsvc.reload.provider import embedded_default_config
 
@@ -141,7 +206,7 @@ def _serve(args: argparse.Namespace, raw_args: list[str]) -> int:
             server.run(), settings.event_loop,
             cleanup_timeout_s=EXIT_CLEANUP_S, on_abandoned=_exit_abandoning,
         )
-    except (PluginError, OSError) as exc:
+    except (PluginError, OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     return 0

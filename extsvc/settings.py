@@ -111,6 +111,54 @@ class Settings(BaseModel):
     redact_headers: tuple[str, ...] = Field(
         (), description="more header names whose values are never logged"
     )
+    # Traffic insights (docs/observability.md)
+    decision_log: Literal["off", "default", "all"] = Field(
+        "default", description="decisions recorded: default = every ext_authz answer, ext_proc "
+        "immediate responses, rate-limit OVER_LIMIT and errors; all = also rate-limit OK and "
+        "passed ext_proc streams; off"
+    )
+    decision_log_output: Literal["stdout", "none"] = Field(
+        "stdout", description="stdout = JSON lines on standard output; none = only the live "
+        "stream (extsvc tail)"
+    )
+    decision_log_sample: float = Field(
+        1.0, ge=0, le=1, description="share of decision records written to stdout"
+    )
+    decision_log_max_per_second: int = Field(
+        200, ge=0, description="most decision records written to stdout per second per worker "
+        "(more: dropped and counted)"
+    )
+    decision_log_recent: int = Field(
+        1000, ge=0, le=100_000, description="decisions kept per worker for readers that attach "
+        "later (extsvc tail --last)"
+    )
+    decision_log_headers: tuple[str, ...] = Field(
+        (), description="request headers copied into decision records (values redacted like "
+        "logs: credentials and redact_headers never appear)"
+    )
+    decision_log_descriptor_values: bool = Field(
+        False, description="put rate-limit descriptor values in decision records (default: "
+        "keys only; values may identify users)"
+    )
+    decision_stream_max_readers: int = Field(
+        16, ge=1, le=1024, description="live decision stream readers at once per worker"
+    )
+    admin_token_file: Path | None = Field(
+        None, description="file holding a token the admin gRPC API (the decision stream) then "
+        "requires as 'authorization: Bearer <token>'"
+    )
+    tracing_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector (http://host:4317 or https://...): set, the "
+        "services send OpenTelemetry traces; OTEL_EXPORTER_OTLP_* variables apply"
+    )
+    tracing_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of traces starting here that are sampled (a "
+        "caller's sampled flag is followed)"
+    )
+    tracing_service_name: str = Field("extsvc", description="service.name of the spans")
+    tracing_descriptor_values: bool = Field(
+        False, description="put rate-limit descriptor values on spans (default: keys only)"
+    )
 
     @classmethod
     def environment_help(cls) -> str:
@@ -123,7 +171,9 @@ class Settings(BaseModel):
             )
         return "\n".join(lines)
 
-    @field_validator("plugins_allow", "plugins_block", "redact_headers", mode="before")
+    @field_validator(
+        "plugins_allow", "plugins_block", "redact_headers", "decision_log_headers", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

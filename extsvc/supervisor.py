@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,9 @@ _RESTART_BACKOFF_S = 1.0
 def supervise(argv: list[str], workers: int) -> int:
     """Run ``extsvc serve <argv>`` in ``workers`` child processes until a stop signal."""
     multiproc_dir = tempfile.mkdtemp(prefix="extsvc-metrics-")
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir)
+    # the workers' admin API sockets: one WatchDecisions call can merge every worker's stream
+    run_dir = tempfile.mkdtemp(prefix="extsvc-run-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir, EXTSVC_RUN_DIR=run_dir)
     stopping = False
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
@@ -72,7 +75,6 @@ def supervise(argv: list[str], workers: int) -> int:
             log.error("worker %d (pid %d) exited with %s; restarting", index, child.pid, code)
             time.sleep(_RESTART_BACKOFF_S)
             children[index] = spawn(index)
-    for name in os.listdir(multiproc_dir):
-        os.unlink(os.path.join(multiproc_dir, name))
-    os.rmdir(multiproc_dir)
+    for folder in (multiproc_dir, run_dir):
+        shutil.rmtree(folder, ignore_errors=True)
     return 1 if failed else 0

@@ -40,11 +40,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing the newest allowed versions ($what) into $VENV"
     "$VENV/bin/python" -m pip install --upgrade pip 2>&1 | quiet
     "$VENV/bin/python" -m pip install --upgrade --upgrade-strategy eager "${editables[@]}" 2>&1 | quiet
+    "$VENV/bin/python" -m pip install --no-deps --force-reinstall $(grep -v '^#' scripts/shared-paths) 2>&1 | quiet
   else
     say "installing $(grep -c '^[a-z0-9]' "$lock") locked packages from $lock into $VENV" \
         "(the first time takes a minute or so)"
     "$VENV/bin/python" -m pip install --require-hashes --no-deps -r "$lock" 2>&1 | quiet
     "$VENV/bin/python" -m pip install --no-deps --no-build-isolation "${editables[@]}" 2>&1 | quiet
+    # the owners of the module paths xds-protos also ships go in last (scripts/shared-paths)
+    owners="$(mktemp)"
+    scripts/lock-entries "$lock" $(grep -v '^#' scripts/shared-paths) > "$owners"
+    "$VENV/bin/python" -m pip install --require-hashes --no-deps --force-reinstall -r "$owners" 2>&1 | quiet
+    rm -f "$owners"
     # scripts/lock sets EXTSVC_LOCKING: it only needs uv from here, and pyproject.toml may
     # already ask for what the old lock lacks
     if ! "$VENV/bin/python" -m pip check >&2; then

@@ -11,6 +11,7 @@ from typing import Any
 from extsvc.config.model import Combine, OnError
 from extsvc.deadline import Deadline, start
 from extsvc.observability.logging import LogThrottle
+from extsvc.observability.tracing import StepTrace
 from extsvc.plugin.check import CheckContext, Decision
 from extsvc.plugin.protocols import Authorizer
 
@@ -88,8 +89,12 @@ class CompiledPolicy:
         for reason in ("internal error", "overloaded"):
             self._errors["", reason] = self._error_outcome(reason, "")
 
-    async def evaluate(self, request: CheckContext, deadline: float) -> Outcome:
+    async def evaluate(
+        self, request: CheckContext, deadline: float, trace: list[StepTrace] | None = None
+    ) -> Outcome:
         """Run the steps under ``deadline`` (event-loop time) and combine their answers.
+
+        ``trace``, when given (the RPC is traced), gets one :data:`StepTrace` per step run.
 
         Every step shares the same absolute deadline, so one timer covers them all, armed only
         when a step actually suspends (:func:`extsvc.deadline.start`). The steps run in this one
@@ -112,11 +117,21 @@ class CompiledPolicy:
                         guard.arm()
                         decision = await rest
                 except asyncio.CancelledError:
+                    if trace is not None:
+                        trace.append((step.label, step.kind, "timeout", started, perf_counter()))
                     raise
                 except Exception as exc:  # isolating a plugin's failure is the point here
+                    if trace is not None:
+                        trace.append((step.label, step.kind, "error", started, perf_counter()))
                     raise self._raised(step, request, exc) from exc
                 finally:
                     step.duration.observe(perf_counter() - started)
+                if trace is not None:
+                    trace.append((
+                        step.label, step.kind,
+                        "abstain" if decision is None else "allow" if getattr(decision, "allowed", False)
+                        else "deny", started, perf_counter(),
+                    ))
                 if decision is None:
                     continue
                 if type(decision) is not Decision and not isinstance(decision, Decision):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from asyncio import get_running_loop
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -17,12 +18,20 @@ from extsvc.authz.convert import rejected_outcome, to_check_context, to_check_re
 from extsvc.deadline import AnswerMargin
 from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
-from extsvc.observability.logging import LogThrottle
+from extsvc.observability.decisions import (
+    DecisionLog,
+    DecisionRecord,
+    bounded,
+    route_path,
+    trace_id_of,
+)
+from extsvc.observability.logging import LogThrottle, redact_headers
 from extsvc.observability.metrics import Metrics
 from extsvc.plugin.check import Decision
 
 if TYPE_CHECKING:
     from extsvc.authz.pipeline import CompiledPolicy, Outcome
+    from extsvc.observability.tracing import RpcSpan, StepTrace, Tracing
     from extsvc.plugin.check import CheckContext
     from extsvc.reload.runtime import RuntimeHolder
 
@@ -50,8 +59,19 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         default_timeout_s: float = 1.0,
         limits: RequestLimits | None = None,
         max_inflight: int = 8192,
+        decisions: DecisionLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """:param decisions: the decision log (None or off: nothing recorded).
+        :param tracing: the tracer (None: tracing off)."""
         self._holder = holder
+        self._decisions = decisions if decisions is not None and decisions.active else None
+        self._tracing = tracing
+        self._durations: dict[str, Any] = {}
+        self._handled_ok = metrics.hot(metrics.grpc_handled.labels("ext_authz", "Check", "OK"))
+        self._handled_cancelled = metrics.hot(
+            metrics.grpc_handled.labels("ext_authz", "Check", "CANCELLED")
+        )
         self._limits = limits or RequestLimits()
         self._rejections = Rejections(metrics, "authz")
         self._metrics = metrics
@@ -81,13 +101,24 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         runtime = self._holder.current
         if runtime is None:
             self._not_ready.inc()
+            self._handled_ok.inc()
             held = self._throttle.allow("not-ready")
             if held is not None:
                 log.warning("Check before the first config load: answering as an error "
                             "(%d more since the last report)", held)
+            if self._decisions is not None:
+                self._decisions.record(DecisionRecord(
+                    self._decisions.clock(), "ext_authz", "", "error", 503,
+                    reason="no config loaded yet", worker=self._decisions.worker,
+                ))
             return _NOT_READY
+        started = perf_counter()  # (uvloop's loop.time() counts whole milliseconds)
         runtime.enter()
         self.inflight += 1
+        tracing = self._tracing
+        span = None if tracing is None else tracing.begin(SERVICE_NAME, "Check", context)
+        steps: list[StepTrace] | None = None if span is None else []
+        answered = False
         try:
             remaining = context.time_remaining()
             budget = self._default_timeout if remaining is None else self.margin.budget(remaining)
@@ -98,6 +129,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             except Exception as exc:  # noqa: BLE001 (malformed input is denied, never crashes)
                 self._metrics.bad_requests.inc()
                 log.warning("unreadable CheckRequest denied with 400: %r", exc)
+                answered = True
+                if self._decisions is not None:
+                    self._decisions.record(DecisionRecord(
+                        self._decisions.clock(), "ext_authz", "", "deny", 400,
+                        reason="unreadable CheckRequest", latency_s=perf_counter() - started,
+                        worker=self._decisions.worker,
+                    ))
+                if span is not None:
+                    span.finish({"extsvc.decision": "deny"}, error="unreadable CheckRequest")
                 return _BAD_REQUEST
 
             if runtime.authority_matters:
@@ -105,14 +145,15 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             else:  # no policy the authority could pick differs from the default: skip reading it
                 name, policy = runtime.select(check.context_extensions, "")
             if policy is None:
-                return self._unknown_policy(name, check)
+                answered = True
+                return self._unknown_policy(name, check, perf_counter() - started, span)
 
             check.bind(name)
             try:
                 if self.inflight > self._max_inflight:  # overloaded: no step runs, per on_error
                     outcome = self._shed_outcome(policy, check)
                 elif check.over_limit is None:
-                    outcome = await policy.evaluate(check, deadline)
+                    outcome = await policy.evaluate(check, deadline, steps)
                 else:
                     outcome = rejected_outcome(policy, check, self._rejections)  # never an allow
             except Exception:  # a bug of ours still gets a policy answer, never an aborted RPC
@@ -128,18 +169,76 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                     self.margin.observe(late)
                 else:
                     self.margin.observe(0.0)
+            latency = perf_counter() - started
+            duration = self._durations.get(name)
+            if duration is None:
+                duration = self._duration(name)
+            duration.observe(latency)
+            if self._decisions is not None:
+                self._decisions.record(self._record(name, check, outcome, latency, span))
+            if span is not None:
+                self._finish_span(span, name, outcome, steps)
             if log.isEnabledFor(logging.DEBUG):
                 decision = outcome.decision
                 log.debug(
-                    "%s %s %s -> %s %s by %s (%s) [request_id=%s]",
+                    "%s %s %s -> %s %s by %s (%s) [request_id=%s] headers=%s",
                     name, check.method, check.path, outcome.label,
                     decision.status, outcome.step or "default", decision.reason, check.request_id,
+                    redact_headers(check.headers),
                     extra={"request_id": check.request_id},
                 )
+            answered = True
             return to_check_response(outcome.decision, envoy_error=outcome.envoy_error)
         finally:
             self.inflight -= 1
             runtime.leave()
+            if answered:
+                self._handled_ok.inc()
+            else:  # cancelled (Envoy gave up) or a bug above: no answer went out
+                self._handled_cancelled.inc()
+                if span is not None:
+                    span.finish({}, grpc_code=1, error="cancelled")
+
+    def _record(
+        self, name: str, check: CheckContext, outcome: Outcome, latency: float,
+        span: RpcSpan | None,
+    ) -> DecisionRecord:
+        """The decision log's record of one answered Check."""
+        decisions = self._decisions
+        assert decisions is not None
+        decision = outcome.decision
+        return DecisionRecord(
+            decisions.clock(), "ext_authz", name, outcome.label,
+            0 if decision.allowed else decision.status, outcome.step, bounded(decision.reason),
+            latency, bounded(check.request_id, 128),
+            span.trace_id if span is not None else trace_id_of(check.headers),
+            bounded(check.host, 256), route_path(check.path), bounded(check.method, 16),
+            check.source.address, decisions.header_detail(check.headers), decisions.worker,
+        )
+
+    @staticmethod
+    def _finish_span(
+        span: RpcSpan, name: str, outcome: Outcome, steps: list[StepTrace] | None
+    ) -> None:
+        decision = outcome.decision
+        if steps:
+            span.steps(steps)
+        attributes: dict[str, Any] = {
+            "extsvc.policy": name, "extsvc.decision": outcome.label,
+            "extsvc.step": outcome.step or "default",
+        }
+        if not decision.allowed:
+            attributes["extsvc.status"] = decision.status
+        if decision.reason:
+            attributes["extsvc.reason"] = bounded(decision.reason)
+        span.finish(attributes, error=decision.reason if outcome.label == "error" else "")
+
+    def _duration(self, name: str) -> Any:
+        """The request-duration histogram child of policy ``name`` (a configured name)."""
+        child = self._metrics.hot(self._metrics.request_duration.labels("ext_authz", name))
+        if len(self._durations) < 1024:
+            self._durations[name] = child
+        return child
 
     def _shed_outcome(self, policy: CompiledPolicy, check: CheckContext) -> Outcome:
         """A Check over ``max_inflight``: the policy's ``on_error`` answer, without its steps."""
@@ -154,10 +253,27 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             )
         return policy.internal_error(check, "overloaded")
 
-    def _unknown_policy(self, name: str, check: Any) -> Any:
+    def _unknown_policy(
+        self, name: str, check: CheckContext, latency: float, span: RpcSpan | None
+    ) -> Any:
         unknown, denied = self._unknown[bool(name)]
         unknown.inc()
         denied.inc()
+        label = UNKNOWN_POLICY_LABEL if name else ""
+        (self._durations.get(label) or self._duration(label)).observe(latency)
+        reason = "unknown policy" if name else "no policy chosen and no default_policy"
+        if self._decisions is not None:
+            self._decisions.record(DecisionRecord(
+                self._decisions.clock(), "ext_authz", label, "deny", 403, "", reason, latency,
+                bounded(check.request_id, 128),
+                span.trace_id if span is not None else trace_id_of(check.headers),
+                bounded(check.host, 256), route_path(check.path), bounded(check.method, 16),
+                check.source.address, (("policy", bounded(printable(name), 128)),) if name else (),
+                self._decisions.worker,
+            ))
+        if span is not None:
+            span.finish({"extsvc.policy": label, "extsvc.decision": "deny",
+                         "extsvc.reason": reason, "extsvc.status": 403})
         # throttled by cause, not by name: 20,000 names are one report per interval
         held = self._throttle.allow("unknown-policy" if name else "no-policy")
         if held is not None:

@@ -14,6 +14,7 @@ from extsvc.deadline import Deadline, start
 from extsvc.extproc import convert
 from extsvc.extproc.model import Exchange, HeaderChanges, HttpMessage, ImmediateReply, Phase
 from extsvc.observability.logging import LogThrottle
+from extsvc.observability.tracing import StepTrace
 from extsvc.selection import by_authority
 
 log = logging.getLogger(__name__)
@@ -106,16 +107,18 @@ class CompiledExtprocPolicy:
         #: count all): a dependency that hangs fails every stream at once
         self._throttle = LogThrottle()
 
-    async def run(self, message: HttpMessage) -> None:
-        """Run the phase's processors on ``message`` under ``timeout_s``.
+    async def run(self, message: HttpMessage, trace: list[StepTrace] | None = None) -> str:
+        """Run the phase's processors on ``message`` under ``timeout_s``; the processor that
+        answered the client itself (``message.reply``), or "".
 
         A processor that raises or overruns is answered per ``on_error``: ``fail`` replaces the
         answer with an immediate ``error_status`` reply; ``continue`` drops that processor's
-        changes (and, after a timeout, skips the rest).
+        changes (and, after a timeout, skips the rest). ``trace``, when given (the stream is
+        traced), gets one :data:`StepTrace` per processor run.
         """
         chain = self.chains[message.phase.number]
         if not chain:
-            return
+            return ""
         # One timer for the chain, made and armed only if a hook suspends (extsvc.deadline),
         # for what is left of timeout_s then.
         guard: Deadline | None = None
@@ -125,6 +128,7 @@ class CompiledExtprocPolicy:
         try:
             for current, hook in chain:
                 mark = len(message.ops)
+                failed = ""
                 try:
                     # extsvc.deadline.start: no coroutine of ours per processor and message
                     _, rest = start(hook(message))
@@ -133,28 +137,39 @@ class CompiledExtprocPolicy:
                         guard.arm()
                         await rest
                 except asyncio.CancelledError:
+                    failed = "timeout"
                     raise
                 except Exception as exc:  # noqa: BLE001 (isolating a processor's failure is the point)
+                    failed = "error"
                     current.raised.inc()
                     self._failed(message, current, f"raised {exc!r}", mark, type(exc).__name__)
                     if message.reply is not None:
-                        return
+                        return current.label
                     continue
                 finally:
                     ended = perf_counter()
                     current.duration.observe(ended - started)
+                    if trace is not None:
+                        trace.append((
+                            current.label, current.kind,
+                            failed or ("immediate" if message.reply is not None else "ok"),
+                            started, ended,
+                        ))
                     started = ended
                 if message.reply is not None:  # an immediate response ends the chain
-                    return
+                    return current.label
         except asyncio.CancelledError:
             if guard is None or not guard.consume():
                 raise
             assert current is not None
             current.overran.inc()
             self._failed(message, current, f"overran {self.timeout_s * 1000:.0f} ms", mark, "timeout")
+            if message.reply is not None:
+                return current.label
         finally:
             if guard is not None:
                 guard.disarm()
+        return ""
 
     def _guard(self, begun: float) -> Deadline:
         """The chain's deadline: timeout_s from ``begun`` (a perf_counter reading)."""

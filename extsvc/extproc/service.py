@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -21,15 +22,28 @@ from extsvc.extproc.model import HttpMessage
 from extsvc.extproc.stream import ExtprocStream, ProtocolError
 from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
+from extsvc.observability.decisions import (
+    DecisionLog,
+    DecisionRecord,
+    bounded,
+    route_path,
+    trace_id_of,
+)
 from extsvc.observability.logging import LogThrottle
 from extsvc.observability.metrics import Metrics
 
 if TYPE_CHECKING:
+    from extsvc.observability.tracing import RpcSpan, StepTrace, Tracing
     from extsvc.reload.runtime import RuntimeHolder
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+#: stream outcomes the decision log leaves out unless its level is ``all``
+_ROUTINE = frozenset({"ok", "unselected"})
+#: the gRPC status a stream ended with, by outcome (the rest: OK)
+_OUTCOME_CODES = {"protocol-error": 3, "cancelled": 1}
+_CODE_NAMES = {0: "OK", 1: "CANCELLED", 3: "INVALID_ARGUMENT"}
 
 
 class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -40,7 +54,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         *,
         limits: RequestLimits | None = None,
         max_streams: int = 4096,
+        decisions: DecisionLog | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """:param decisions: the decision log (immediate responses and failed streams; every
+            stream at level ``all``).
+        :param tracing: the tracer (None: off)."""
         self._holder = holder
         self._limits = limits or RequestLimits()
         self._rejections = Rejections(metrics, "extproc")
@@ -49,11 +68,18 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         self._throttle = LogThrottle()
         self._not_ready = metrics.hot(metrics.extproc_streams.labels("", "not-ready"))
         self._active = metrics.hot(metrics.extproc_active_streams)
-        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
         #: streams open now, and the cap beyond which new ones are refused
         self.open_streams = 0
         self._max_streams = max_streams
         self._shed = metrics.hot(metrics.shed.labels("ext_proc"))
+        self._decisions = decisions if decisions is not None and decisions.active else None
+        self._tracing = tracing
+        self._durations: dict[str, Any] = {}
+        self._refused = {
+            code: metrics.hot(metrics.grpc_handled.labels("ext_proc", "Process", code))
+            for code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+        }
 
     async def Process(self, request_iterator: Any, context: Any) -> None:
         # Errors end the RPC with set_code() and a return, never context.abort(): abort raises,
@@ -72,6 +98,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                             "UNAVAILABLE (%d more since the last report)", held)
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details("extsvc: no config loaded yet")
+            self._refused["UNAVAILABLE"].inc()
             return
         runtime.enter()
         self.open_streams += 1
@@ -85,6 +112,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         )
         outcome = "ok"
         between = True
+        tracing = self._tracing
+        span = None if tracing is None else tracing.begin(SERVICE_NAME, "Process", context)
+        durations = self._durations
+        duration: Any = None  # the policy's request-duration child, once the policy is known
+        latency = 0.0  # of the last message answered
+        protocol_error = ""
         try:
             read, write, handle = context.read, context.write, stream.handle
             eof = grpc.aio.EOF
@@ -94,9 +127,13 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 if request is eof:
                     break
                 between = False
+                started = perf_counter()
                 answers: Any = handle(event_of(request, limits))
                 if answers.__class__ is HttpMessage:  # the policy's processors run on it
-                    answers = await stream.run(answers)
+                    if span is None:
+                        answers = await stream.run(answers)
+                    else:
+                        answers = await self._run_traced(stream, answers, span, started)
                 elif stream.unknown_policy and stream.received == 1:
                     self._log_unknown(stream.policy_name, stream.exchange.request_id)
                 # answered: Envoy may reset the stream as soon as it has the last answer, even
@@ -104,6 +141,12 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 between = True
                 for response in answers:
                     await write(response)
+                latency = perf_counter() - started
+                if duration is None:
+                    duration = durations.get(stream.policy_name)
+                    if duration is None:
+                        duration = self._duration(stream)
+                duration.observe(latency)
         except ProtocolError as exc:
             outcome = "protocol-error"
             held = self._throttle.allow(f"protocol-error:{exc.reason}")  # a fixed set of reasons
@@ -115,6 +158,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 )
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"extsvc: {exc}")
+            protocol_error = exc.reason
         except asyncio.CancelledError:
             # Envoy reset the stream. Between messages that is one of its two ways of ending a
             # stream (the other is a half-close), judged below by what the stream did; while a
@@ -145,13 +189,21 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             children = self._children.get((label, outcome))
             if children is None:
                 children = self._bind(label, outcome)
-            streams, received, sent, overrides = children
+            streams, received, sent, overrides, handled = children
             streams.inc()
             received.inc(stream.received)
             sent.inc(stream.sent)
             if stream.override_sent:
                 overrides.inc()
+            handled.inc()
             runtime.leave()
+            decisions = self._decisions
+            if decisions is not None and (outcome not in _ROUTINE or decisions.everything):
+                decisions.record(
+                    self._record(stream, label, outcome, latency, span, protocol_error)
+                )
+            if span is not None:
+                self._finish_span(span, stream, label, outcome)
 
     def _refuse_overloaded(self, context: Any) -> None:
         """A stream past ``max_extproc_streams``: RESOURCE_EXHAUSTED before reading anything, so
@@ -165,6 +217,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             )
         context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_details("extsvc: too many ext_proc streams open")
+        self._refused["RESOURCE_EXHAUSTED"].inc()
 
     def _log_unknown(self, name: str, request_id: str) -> None:
         # throttled by cause, not by name: 20,000 names are one report per interval
@@ -188,7 +241,78 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 printable(policy), held, request_id,
             )
 
-    def _bind(self, policy: str, outcome: str) -> tuple[Any, Any, Any, Any]:
+    async def _run_traced(
+        self, stream: ExtprocStream, message: HttpMessage, span: RpcSpan, started: float
+    ) -> list[Any]:
+        """:meth:`ExtprocStream.run`, with a span for the message's phase and its processors."""
+        steps: list[StepTrace] = []
+        error = ""
+        try:
+            return await stream.run(message, steps)
+        except BaseException as exc:
+            error = type(exc).__name__
+            raise
+        finally:
+            attributes: dict[str, Any] = {
+                "extsvc.phase": message.phase.value, "extsvc.policy": stream.policy_name,
+            }
+            if message.reply is not None:
+                attributes["extsvc.status"] = message.reply.status
+            span.child(f"ext_proc {message.phase.value}", started, perf_counter(), attributes,
+                       error=error, steps=steps)
+
+    def _record(
+        self, stream: ExtprocStream, policy: str, outcome: str, latency: float,
+        span: RpcSpan | None, protocol_error: str,
+    ) -> DecisionRecord:
+        """The decision log's record of one ext_proc stream (an immediate response, a failure,
+        or -- at level ``all`` -- any stream)."""
+        decisions = self._decisions
+        assert decisions is not None
+        exchange = stream.exchange
+        headers = exchange.request_headers if exchange.has_request_headers else {}
+        reason = stream.immediate_reason
+        if outcome == "protocol-error":
+            reason = f"protocol error: {protocol_error}"
+        elif outcome == "unknown-policy":
+            reason = "unknown policy" if stream.policy_name else "no policy chosen"
+        elif outcome == "incomplete":
+            reason = "a body's end never came"
+        source = exchange.attributes.get("source.address") if exchange.has_request_headers else ""
+        return DecisionRecord(
+            decisions.clock(), "ext_proc", policy, outcome, stream.immediate_status or 0,
+            stream.immediate_step, bounded(reason), latency,
+            bounded(exchange.request_id, 128) if headers else "",
+            span.trace_id if span is not None else trace_id_of(headers),
+            bounded(headers.get(":authority", ""), 256), route_path(headers.get(":path", "")),
+            bounded(headers.get(":method", ""), 16), bounded(str(source or ""), 64),
+            decisions.header_detail(headers), decisions.worker,
+        )
+
+    @staticmethod
+    def _finish_span(span: RpcSpan, stream: ExtprocStream, policy: str, outcome: str) -> None:
+        attributes: dict[str, Any] = {"extsvc.policy": policy, "extsvc.outcome": outcome,
+                                      "extsvc.messages": stream.received}
+        if stream.immediate_status is not None:
+            attributes["extsvc.status"] = stream.immediate_status
+            if stream.immediate_step:
+                attributes["extsvc.step"] = stream.immediate_step
+        code = _OUTCOME_CODES.get(outcome, 0)
+        span.finish(attributes, grpc_code=code,
+                    error=outcome if outcome in ("protocol-error", "cancelled") else "")
+
+    def _duration(self, stream: ExtprocStream) -> Any:
+        """The request-duration child of the stream's policy (a configured name, "" or the
+        unknown one: never a name from a request)."""
+        name = UNKNOWN_POLICY_LABEL if stream.unknown_policy and stream.policy_name else (
+            stream.policy_name
+        )
+        child = self._metrics.hot(self._metrics.request_duration.labels("ext_proc", name))
+        if len(self._durations) < 1024 and not stream.unknown_policy:
+            self._durations[name] = child
+        return child
+
+    def _bind(self, policy: str, outcome: str) -> tuple[Any, Any, Any, Any, Any]:
         """The metric children of one (policy, outcome), bound once (``labels()`` is not free).
 
         ``policy`` is a configured name, "" or :data:`UNKNOWN_POLICY_LABEL`, never a name taken
@@ -201,6 +325,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             m.hot(m.extproc_messages.labels(name, "received")),
             m.hot(m.extproc_messages.labels(name, "sent")),
             m.hot(m.extproc_mode_overrides.labels(name)),
+            m.hot(m.grpc_handled.labels("ext_proc", "Process", _CODE_NAMES[_OUTCOME_CODES.get(outcome, 0)])),
         )
         if len(self._children) < 1024:  # policy names come from config, but bound the cache
             self._children[(policy, outcome)] = children

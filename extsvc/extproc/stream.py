@@ -45,6 +45,7 @@ from extsvc.extproc.model import (
 if TYPE_CHECKING:
     from extsvc.extproc.pipeline import CompiledExtprocPolicy, ExtprocPolicies
     from extsvc.limits import Overflow, Rejections, RequestLimits
+    from extsvc.observability.tracing import StepTrace
 
 
 class ProtocolError(Exception):
@@ -123,6 +124,9 @@ class ExtprocStream:
     #: an immediate response was sent: Envoy closes the stream and ignores later answers
     finished = False
     immediate_status: int | None = None
+    #: the processor that answered the client itself, and the reply's details (for the log)
+    immediate_step: str = ""
+    immediate_reason: str = ""
     override_sent = False
     received = 0
     sent = 0
@@ -163,10 +167,15 @@ class ExtprocStream:
             return await self.run(out)
         return out
 
-    async def run(self, message: HttpMessage) -> list[Any]:
-        """Run the policy's processors on the message :meth:`handle` handed out; its answers."""
+    async def run(self, message: HttpMessage, trace: list[StepTrace] | None = None) -> list[Any]:
+        """Run the policy's processors on the message :meth:`handle` handed out; its answers.
+
+        ``trace``: see :meth:`CompiledExtprocPolicy.run`."""
         assert self._pending is not None
-        await self._pending[0].run(message)
+        by = await self._pending[0].run(message, trace)
+        if message.reply is not None:
+            self.immediate_step = by
+            self.immediate_reason = message.reply.details
         return self.finish(message)
 
     def step(self, request: Any) -> list[Any] | HttpMessage:

@@ -1,7 +1,11 @@
-"""The HTTP admin listener: ``/healthz``, ``/readyz``, ``/metrics``, ``/status``.
+"""The HTTP admin listener: ``/healthz``, ``/readyz``, ``/metrics``, ``/status``, and the door
+to the admin gRPC API.
 
 A deliberately tiny HTTP/1.1 server on asyncio's socket calls (GET and HEAD, one request per
-connection), so the admin port needs no web framework. It binds 127.0.0.1 by default.
+connection), so the admin port needs no web framework. It binds 127.0.0.1 by default. A
+connection that opens with the HTTP/2 preface (a gRPC client: ``extsvc tail``) is handed, bytes
+both ways, to the admin gRPC server of this worker (:mod:`extsvc.observability.admin_api`),
+which listens on a Unix socket only: one port, one exposure, for both.
 
 Everything a client controls is bounded (docs/hardening.md, "Admin listener"):
 
@@ -56,6 +60,8 @@ LINGER_BYTES = 1024 * 1024
 ACCEPT_RETRY_S = 0.1
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO})
+#: What an HTTP/2 client sends first (RFC 9113 §3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _ERROR_REASONS = ("too-large", "bad-request", "timeout", "overloaded", "accept")
 
 
@@ -80,7 +86,11 @@ class AdminServer:
         *,
         max_connections: int = 64,
         request_timeout_s: float = 5.0,
+        grpc_socket: Callable[[], str | None] | None = None,
     ) -> None:
+        """:param grpc_socket: where HTTP/2 connections go (the admin gRPC server's Unix
+            socket); None, or a callable answering None: they get a 400 like any bad request."""
+        self._grpc_socket = grpc_socket or (lambda: None)
         self._health = health
         self._metrics = metrics
         self._status = status or (lambda: {})
@@ -198,6 +208,11 @@ class AdminServer:
             connection.reading = False
         if head is None:  # closed before sending anything
             return
+        if head.startswith(H2_PREFACE[:14]):
+            target = self._grpc_socket()
+            if target is not None:
+                await self._pipe(sock, head, target)
+                return
         parts = head.split(b"\n", 1)[0].decode("latin-1").split()
         if len(parts) not in (2, 3):
             self._errors["bad-request"].inc()
@@ -229,8 +244,39 @@ class AdminServer:
             head = buf if end < 0 else buf[:end]
             if len(head) > MAX_HEAD or head.count(b"\n") > MAX_HEADERS:
                 raise _TooLarge
-            if end >= 0:
-                return bytes(head)
+            if end >= 0:  # everything read: an HTTP/2 client's first frames follow the head
+                return bytes(buf)
+
+    async def _pipe(self, sock: socket.socket, first: bytes, target: str) -> None:
+        """Relay a connection to the Unix socket ``target``, bytes both ways, until either
+        side closes (the HTTP/2 connection of a gRPC client to the admin API)."""
+        loop = asyncio.get_running_loop()
+        try:
+            reader, writer = await asyncio.open_unix_connection(target)
+        except OSError as exc:
+            log.warning("admin gRPC API unreachable at %s: %s", target, exc)
+            return
+        writer.write(first)
+
+        async def upstream() -> None:
+            while chunk := await loop.sock_recv(sock, 65536):
+                writer.write(chunk)
+                await writer.drain()
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+
+        async def downstream() -> None:
+            while chunk := await reader.read(65536):
+                await loop.sock_sendall(sock, chunk)
+
+        tasks = [loop.create_task(upstream()), loop.create_task(downstream())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
 
     async def _answer(
         self,

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 
 SENSITIVE_HEADERS = frozenset(
     {
@@ -40,7 +41,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # ISO 8601, UTC, milliseconds (as the decision log's records)
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")[:-6]
+            + "Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -50,6 +50,8 @@ def _version() -> str:
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+#: whole calls: the step buckets, plus the range of a slow dependency up to Envoy's timeouts
+_CALL_BUCKETS = (*_STEP_BUCKETS, 2.5, 5.0)
 
 
 class HotCounter:
@@ -352,6 +354,41 @@ class Metrics:
             "extsvc_admin_errors_total",
             "Admin listener connections refused or cut short, by reason (too-large, bad-request, "
             "timeout, overloaded, accept)", ["reason"], registry=r,
+        )
+        # The whole call, per service: what Envoy waits for. `policy` is a configured policy
+        # name (ext_authz, ext_proc) or rate-limit domain, "" for none chosen and
+        # UNKNOWN_POLICY_LABEL for any name a request gave that the config lacks.
+        self.request_duration = Histogram(
+            "extsvc_request_duration_seconds",
+            "Time from a request's arrival to its answer: a Check, a ShouldRateLimit, or one "
+            "ext_proc message (a stream lives as long as its HTTP request), by service "
+            "(ext_authz, ext_proc, ratelimit) and policy (rate limiting: domain)",
+            ["service", "policy"], buckets=_CALL_BUCKETS, registry=r,
+        )
+        self.grpc_handled = Counter(
+            "extsvc_grpc_handled_total",
+            "RPCs ended, by service (ext_authz, ext_proc, ratelimit, admin), method and gRPC "
+            "status code name (OK, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, "
+            "CANCELLED, ...); ext_authz denials are OK calls (the denial is in the answer)",
+            ["service", "method", "code"], registry=r,
+        )
+        # The decision log (docs/observability.md): records by sink, and what was left out.
+        self.decision_records = Counter(
+            "extsvc_decision_log_records_total",
+            "Decision records written, by sink (stdout, stream: one per reader it reached)",
+            ["sink"], registry=r,
+        )
+        self.decision_dropped = Counter(
+            "extsvc_decision_log_dropped_total",
+            "Decision records left out, by sink and reason (rate: over "
+            "decision_log_max_per_second; slow-reader: a stream reader's queue was full; "
+            "backlog: stdout could not keep up)",
+            ["sink", "reason"], registry=r,
+        )
+        self.decision_readers = Gauge(
+            "extsvc_decision_stream_readers",
+            "Live decision stream readers attached (extsvc tail / top)",
+            registry=r, multiprocess_mode="livesum",
         )
         self._plugin_counters: dict[str, Counter] = {}
         self._plugin_histograms: dict[str, Histogram] = {}

@@ -57,6 +57,8 @@ CASES: dict[str, tuple[dict[str, Any], list[str]]] = {
          "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}},
         ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PrometheusRule", "Service", "ServiceMonitor"],
     ),
+    "grafana-dashboard": ({"grafanaDashboard": {"enabled": True}},
+                          ["ConfigMap", "ConfigMap", "Deployment", "PodDisruptionBudget", "Service"]),
 }
 
 
@@ -210,6 +212,7 @@ def test_a_config_change_rolls_the_pods_unless_told_otherwise() -> None:
         ({"server": {"logLevel": "verbose"}}, "at '/server/logLevel'"),
         ({"controller": {"controllerName": "no slash"}}, "at '/controller/controllerName'"),
         ({"config": {"ratelimitDomains": {"api.json": {}}}}, "'api.json' does not match pattern"),
+        ({"grafanaDashboard": {"namespace": "Grafana"}}, "at '/grafanaDashboard/namespace'"),
     ],
 )
 def test_the_schema_refuses_bad_values_naming_the_key(values: dict[str, Any], message: str) -> None:
@@ -281,3 +284,28 @@ def test_the_alerts_name_only_metrics_extsvc_exports() -> None:
     for family in Metrics().registry.collect():
         exported |= {family.name, f"{family.name}_total"} if family.type == "counter" else {family.name}
     assert used and used <= exported, used - exported
+
+
+def test_the_grafana_dashboard_ships_in_a_configmap_for_the_sidecar() -> None:
+    """The ConfigMap carries dashboards/extsvc.json as it is in the chart (the file that
+    tests/docs/test_dashboard.py checks against a live extsvc), with the sidecar's label."""
+    import json
+
+    def dashboards(values: dict[str, Any]) -> list[dict[str, Any]]:
+        return [cm for cm in of_kind(render(values), "ConfigMap")
+                if cm["metadata"]["name"] == f"{RELEASE}-extsvc-dashboard"]
+
+    assert dashboards({}) == []
+    [cm] = dashboards({"grafanaDashboard": {"enabled": True}})
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert "namespace" not in cm["metadata"]  # the release's
+    [(name, text)] = cm["data"].items()
+    assert name == "extsvc.json"
+    assert json.loads(text) == json.loads((CHART / "dashboards" / "extsvc.json").read_text())
+
+    [elsewhere] = dashboards({"grafanaDashboard": {
+        "enabled": True, "namespace": "monitoring", "labels": {"grafana_dashboard": None, "team": "edge"},
+    }})
+    assert elsewhere["metadata"]["namespace"] == "monitoring"
+    labels = elsewhere["metadata"]["labels"]
+    assert labels["team"] == "edge" and "grafana_dashboard" not in labels

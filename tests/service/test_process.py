@@ -96,10 +96,15 @@ def test_sigterm_lets_the_in_flight_check_finish_then_exits_0(
     ]
     assert proc.popen.wait(10) == 0
 
-    entries = json_lines(proc.log)
+    lines = json_lines(proc.log)
+    # stdout carries the decision log's records, stderr the log: both JSON lines
+    entries = [e for e in lines if e.get("kind") != "decision"]
+    decisions = [e for e in lines if e.get("kind") == "decision"]
     messages = [e["message"] for e in entries]
     assert any(m.startswith("signal received: draining") for m in messages)
     assert messages[-1] == "stopped"
+    # the in-flight Check's decision was written before the process exited
+    assert [(d["request_id"], d["outcome"]) for d in decisions] == [("rid-in-flight", "allow")]
     # Logs are JSON lines carrying the x-request-id as a field, and no credential.
     assert any(e.get("request_id") == "rid-in-flight" for e in entries)
     assert "s3cr3t" not in proc.log
@@ -203,7 +208,8 @@ def test_two_workers_share_the_port_all_answer_and_all_exit_0_on_sigterm(
             response = authz(channel).Check(check_request(request_id=f"rid-w{index}"), timeout=5)
             assert response.status.code == 0
     answered = {
-        e["pid"] for e in json_lines(proc.log) if str(e.get("request_id", "")).startswith("rid-w")
+        e["pid"] for e in json_lines(proc.log)
+        if str(e.get("request_id", "")).startswith("rid-w") and e.get("kind") != "decision"
     }
     assert answered == workers
 

@@ -1,0 +1,1 @@
+"""extsvc.admin.v1 (proto/extsvc/admin/v1/admin.proto): generated, do not edit."""

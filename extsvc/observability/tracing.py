@@ -1,0 +1,190 @@
+"""OpenTelemetry tracing of the three services (off unless ``tracing_endpoint`` is set).
+
+Each RPC continues the trace its caller sent in the gRPC metadata -- W3C ``traceparent`` /
+``tracestate`` (Envoy's OpenTelemetry tracer) or B3 (``x-b3-*`` from Envoy's Zipkin tracer, or
+a single ``b3`` header) -- with one SERVER span named ``<gRPC service>/<method>`` and, beneath
+it, one span per policy step or ext_proc processor (ext_proc: per message phase, with its
+processors beneath). Spans go to an OTLP/gRPC collector in batches, from a thread.
+
+Sampling: a trace whose caller decided (the sampled flag of its context) follows that decision;
+a trace that starts here is sampled at ``tracing_sample_ratio``.
+
+When tracing is off nothing of OpenTelemetry is imported and the services pay one ``is None``
+test per RPC. On the request path nothing builds spans while the steps run: they note
+``(name, kind, outcome, start, end)`` in a list, and the spans are made after the answer,
+with those times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from time import perf_counter
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Seconds :meth:`Tracing.stop` waits for the last spans to be exported.
+STOP_TIMEOUT_S = 3.0
+
+#: One step's trace: (name, kind, outcome, perf_counter start, perf_counter end).
+StepTrace = tuple[str, str, str, float, float]
+
+
+class RpcSpan:
+    """The SERVER span of one RPC and what its children need (its clock origins)."""
+
+    __slots__ = ("_ns0", "_pc0", "_tracer", "span")
+
+    def __init__(self, tracer: Any, span: Any, ns0: int, pc0: float) -> None:
+        self._tracer = tracer
+        self.span = span
+        self._ns0 = ns0
+        self._pc0 = pc0
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self.span.get_span_context().trace_id:032x}"
+
+    def _ns(self, pc: float) -> int:
+        return self._ns0 + int((pc - self._pc0) * 1e9)
+
+    def child(
+        self, name: str, start: float, end: float, attributes: dict[str, Any], error: str = "",
+        steps: Sequence[StepTrace] = (),
+    ) -> None:
+        """A finished child span (times from ``perf_counter``), with ``steps`` beneath it."""
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        parent = trace.set_span_in_context(self.span)
+        span = self._tracer.start_span(
+            name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes,
+            start_time=self._ns(start),
+        )
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        if steps:
+            self._steps(span, steps)
+        span.end(end_time=self._ns(end))
+
+    def steps(self, steps: Iterable[StepTrace]) -> None:
+        """One child span per step."""
+        self._steps(self.span, steps)
+
+    def _steps(self, parent_span: Any, steps: Iterable[StepTrace]) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        parent = trace.set_span_in_context(parent_span)
+        for name, kind, outcome, start, end in steps:
+            span = self._tracer.start_span(
+                f"step {name}", context=parent, kind=SpanKind.INTERNAL,
+                attributes={"extsvc.step.name": name, "extsvc.step.kind": kind,
+                            "extsvc.step.outcome": outcome},
+                start_time=self._ns(start),
+            )
+            if outcome in ("error", "timeout"):
+                span.set_status(Status(StatusCode.ERROR, outcome))
+            span.end(end_time=self._ns(end))
+
+    def finish(self, attributes: dict[str, Any], grpc_code: int = 0, error: str = "") -> None:
+        """Set the RPC's outcome and end the span now."""
+        from opentelemetry.trace import Status, StatusCode
+
+        span = self.span
+        span.set_attributes(attributes)
+        span.set_attribute("rpc.grpc.status_code", grpc_code)
+        if error:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end(end_time=self._ns(perf_counter()))
+
+
+class Tracing:
+    """The process's tracer: OTLP/gRPC export, caller's context from gRPC metadata.
+
+    :param endpoint: the collector, ``http://host:4317`` (plain) or ``https://...`` (TLS); the
+        standard ``OTEL_EXPORTER_OTLP_*`` variables set headers, certificates and compression.
+    :param sample_ratio: share of the traces starting here that are sampled.
+    :param service_name: ``service.name`` of the spans' resource.
+    :param descriptor_values: put rate-limit descriptor values on spans (off: keys only).
+    :param exporter: a span exporter to use instead (tests).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        sample_ratio: float = 1.0,
+        service_name: str = "extsvc",
+        descriptor_values: bool = False,
+        export_timeout_s: float = 5.0,
+        exporter: Any = None,
+    ) -> None:
+        from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+        from opentelemetry.propagators.composite import CompositePropagator
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        from extsvc.observability.metrics import _version
+
+        self.descriptor_values = descriptor_values
+        self.endpoint = endpoint
+        resource = Resource.create({
+            "service.name": service_name,
+            "service.version": _version(),
+            "service.instance.id": f"{socket.gethostname()}/{os.getpid()}",
+        })
+        self._provider = TracerProvider(
+            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
+        )
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=export_timeout_s)
+        self._provider.add_span_processor(BatchSpanProcessor(
+            exporter, max_queue_size=4096, schedule_delay_millis=500,
+            export_timeout_millis=int(export_timeout_s * 1000),
+        ))
+        self._tracer = self._provider.get_tracer("extsvc", _version())
+        # traceparent last: when a caller sends both, W3C wins
+        self._propagator = CompositePropagator(
+            [B3MultiFormat(), B3SingleFormat(), TraceContextTextMapPropagator()]
+        )
+
+    def begin(self, service: str, method: str, context: Any) -> RpcSpan | None:
+        """The SERVER span of an RPC, child of the caller's context; None when not sampled."""
+        from opentelemetry.trace import SpanKind
+
+        try:
+            carrier = dict(context.invocation_metadata() or ())
+        except Exception:  # noqa: BLE001 (a context without metadata: a trace of our own)
+            carrier = {}
+        parent = self._propagator.extract(carrier)
+        ns0, pc0 = time.time_ns(), perf_counter()
+        span = self._tracer.start_span(
+            f"{service}/{method}", context=parent, kind=SpanKind.SERVER, start_time=ns0,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        )
+        if not span.is_recording():
+            return None
+        return RpcSpan(self._tracer, span, ns0, pc0)
+
+    async def stop(self) -> None:
+        """Export what is queued (bounded by :data:`STOP_TIMEOUT_S`) and stop."""
+        # A daemon thread: a collector that hangs cannot hold up the process's exit.
+        stopper = threading.Thread(target=self._provider.shutdown, name="tracing-stop", daemon=True)
+        stopper.start()
+        await asyncio.to_thread(stopper.join, STOP_TIMEOUT_S)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Export every finished span now (tests, benchmarks)."""
+        return bool(self._provider.force_flush(int(timeout_s * 1000)))
