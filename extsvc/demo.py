@@ -10,7 +10,8 @@ Each request becomes one line, built from two sources joined on ``x-request-id``
 
 - Envoy's access log (JSON lines): method, path, final status, response details (ext_authz
   denial, rate limiting), the rate-limit headers and whether ext_proc tagged the response;
-- extsvc's DEBUG decision log (JSON lines): the policy, its outcome and the step that decided.
+- extsvc's decision log (JSON lines on its stdout): the policy, its outcome and the step that
+  decided.
 
 The access log alone is enough for a line; the extsvc part is added when it matches.
 """
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -69,12 +70,6 @@ ACCESS_LOG_FORMAT = {
 }
 
 #: extsvc.authz.service's DEBUG line: "<policy> <method> <path> -> <outcome> <status> by <step> (...)"
-_DECISION = re.compile(
-    r"^(?P<policy>\S+) (?P<method>\S+) (?P<path>\S+) -> (?P<outcome>\S+) (?P<status>\d+) "
-    r"by (?P<step>\S+) \((?P<reason>.*)\) \[request_id=(?P<request_id>[^\]]*)\]$"
-)
-
-
 class DemoError(Exception):
     """A start-up problem the user can fix; its message is the one line printed (exit 2)."""
 
@@ -127,26 +122,42 @@ def curl_lines(port: int) -> list[tuple[str, str]]:
 class DecisionFeed:
     """Turns the new lines of Envoy's access log and extsvc's log into one line per request."""
 
-    def __init__(self, access_log: Path, extsvc_log: Path, *, keep: int = 2048) -> None:
+    def __init__(
+        self, access_log: Path, extsvc_log: Path, *, keep: int = 2048, wait_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """:param wait_s: how long a request's line waits for extsvc's decision (decision records
+            are written in batches, a little after Envoy's access log line)."""
         self._access = _Tail(access_log)
         self._extsvc = _Tail(extsvc_log)
         self._decisions: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._keep = keep
+        self._wait_s = wait_s
+        self._clock = clock
+        #: access log entries still waiting for their decision, with when they were read
+        self._waiting: list[tuple[float, dict[str, Any]]] = []
 
     def poll(self) -> list[str]:
         """The lines to print for what happened since the last call."""
         out: list[str] = []
-        # extsvc's decision is logged before Envoy finishes the request: read it first.
         for line in self._extsvc.lines():
             note = self._extsvc_line(line)
             if note:
                 out.append(note)
+        now = self._clock()
         for line in self._access.lines():
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 if isinstance(entry, dict):
-                    rid = str(entry.get("request_id") or "")
-                    out.append(format_request(entry, self._decisions.pop(rid, None)))
+                    self._waiting.append((now, entry))
+        waiting, self._waiting = self._waiting, []
+        for index, (read_at, entry) in enumerate(waiting):
+            rid = str(entry.get("request_id") or "")
+            decision = self._decisions.pop(rid, None)
+            if decision is None and now - read_at < self._wait_s:
+                self._waiting = waiting[index:]  # in order: the rest waits too
+                break
+            out.append(format_request(entry, decision))
         return out
 
     def _extsvc_line(self, line: str) -> str | None:
@@ -156,14 +167,15 @@ class DecisionFeed:
             return None
         if not isinstance(record, dict):
             return None
-        message = str(record.get("message", ""))
-        match = _DECISION.match(message)
-        if match is not None:
-            decision = match.groupdict()
-            self._decisions[str(record.get("request_id") or decision["request_id"])] = decision
-            while len(self._decisions) > self._keep:
-                self._decisions.popitem(last=False)
+        if record.get("kind") == "decision":
+            if record.get("service") == "ext_authz":
+                decision = {k: str(record.get(k, "")) for k in ("policy", "outcome", "status")}
+                decision["step"] = str(record.get("step") or "default")
+                self._decisions[str(record.get("request_id", ""))] = decision
+                while len(self._decisions) > self._keep:
+                    self._decisions.popitem(last=False)
             return None
+        message = str(record.get("message", ""))
         if record.get("level") in ("WARNING", "ERROR", "CRITICAL"):
             return f"  extsvc {str(record['level']).lower()}: {message}"
         return None
@@ -327,7 +339,7 @@ def _serve(stack: contextlib.ExitStack, args: argparse.Namespace, out: TextIO, s
 
     extsvc = ExtsvcProcess(
         None, grpc_port=args.grpc_port or None,
-        args=["--log-level", "DEBUG", "--log-format", "json"], env=_extsvc_env(),
+        args=["--log-format", "json"], env=_extsvc_env(),
     )
     envoy = EnvoyProcess(
         envoy_config(port=args.port, backend_port=backend.port, grpc_port=extsvc.grpc_port,
@@ -348,7 +360,7 @@ def _serve(stack: contextlib.ExitStack, args: argparse.Namespace, out: TextIO, s
         raise failure[0]
 
     _banner(out, args.port, extsvc, envoy, backend, time.monotonic() - started)
-    feed = DecisionFeed(access_log, extsvc.log_path)
+    feed = DecisionFeed(access_log, extsvc.log_path, wait_s=0.6)
     while True:
         for line in feed.poll():
             print(line, file=out, flush=True)

@@ -40,7 +40,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "installing the newest allowed versions ($what) into $VENV"
     "$VENV/bin/python" -m pip install --upgrade pip 2>&1 | quiet
     "$VENV/bin/python" -m pip install --upgrade --upgrade-strategy eager "${editables[@]}" 2>&1 | quiet
-    "$VENV/bin/python" -m pip install --no-deps --force-reinstall $(grep -v '^#' scripts/shared-paths) 2>&1 | quiet
+    for owner in $(grep -v '^#' scripts/shared-paths); do  # those installed, again, last
+      if "$VENV/bin/python" -m pip show -q "$owner" >/dev/null 2>&1; then
+        "$VENV/bin/python" -m pip install --no-deps --force-reinstall "$owner" 2>&1 | quiet
+      fi
+    done
   else
     say "installing $(grep -c '^[a-z0-9]' "$lock") locked packages from $lock into $VENV" \
         "(the first time takes a minute or so)"
@@ -48,7 +52,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install --no-deps --no-build-isolation "${editables[@]}" 2>&1 | quiet
     # the owners of the module paths xds-protos also ships go in last (scripts/shared-paths)
     owners="$(mktemp)"
-    scripts/lock-entries "$lock" $(grep -v '^#' scripts/shared-paths) > "$owners"
+    scripts/lock-entries "$lock" $(grep -v '^#' scripts/shared-paths) > "$owners" 2>/dev/null
     "$VENV/bin/python" -m pip install --require-hashes --no-deps --force-reinstall -r "$owners" 2>&1 | quiet
     rm -f "$owners"
     # scripts/lock sets EXTSVC_LOCKING: it only needs uv from here, and pyproject.toml may

@@ -190,6 +190,26 @@ class EnvoyCheckContext(CheckContext):
     def request_id(self) -> str:
         return self.headers.get("x-request-id", "")
 
+    def header(self, name: str) -> str | None:
+        """One header (a lower-case name), read from the request's map without decoding all
+        of it when no step has (the decision log reads a few per request)."""
+        headers = self._headers
+        if headers is not None:
+            return headers.get(name)
+        http = self._http
+        if http.headers or not http.header_map.headers:
+            value = http.headers.get(name)
+            return None if value is None else str(value)
+        return self.headers.get(name)  # encode_raw_headers: only the list form is sent
+
+    @property
+    def source_address(self) -> str:
+        """The downstream address, without decoding the rest of :attr:`source`."""
+        try:
+            return self._source.address
+        except AttributeError:
+            return str(self._attrs.source.address.socket_address.address)
+
     @property
     def stream_id(self) -> str:
         return str(self._http.id)

@@ -283,10 +283,10 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
             decisions.clock(), "ext_proc", policy, outcome, stream.immediate_status or 0,
             stream.immediate_step, bounded(reason), latency,
             bounded(exchange.request_id, 128) if headers else "",
-            span.trace_id if span is not None else trace_id_of(headers),
+            span.trace_id if span is not None else trace_id_of(headers.get),
             bounded(headers.get(":authority", ""), 256), route_path(headers.get(":path", "")),
             bounded(headers.get(":method", ""), 16), bounded(str(source or ""), 64),
-            decisions.header_detail(headers), decisions.worker,
+            decisions.header_detail(headers) if decisions.headers else (), decisions.worker,
         )
 
     @staticmethod

@@ -69,15 +69,18 @@ def route_path(path: str) -> str:
     return bounded(path if cut < 0 else path[:cut])
 
 
-def trace_id_of(headers: Mapping[str, str]) -> str:
-    """The trace id a request's own headers carry (W3C ``traceparent``, else B3), or ""."""
-    parent = headers.get("traceparent")
+def trace_id_of(header: Callable[[str], str | None]) -> str:
+    """The trace id a request's own headers carry (W3C ``traceparent``, else B3), or "".
+
+    :param header: a header's value by its lower-case name (``headers.get``).
+    """
+    parent = header("traceparent")
     if parent is not None and len(parent) >= 35 and parent[2] == "-":
         return parent[3:35]
-    b3 = headers.get("x-b3-traceid")
+    b3 = header("x-b3-traceid")
     if b3 is not None:
         return bounded(b3, 32)
-    single = headers.get("b3")
+    single = header("b3")
     if single is not None:
         return bounded(single.split("-", 1)[0], 32)
     return ""

@@ -31,9 +31,18 @@ _extra_sensitive: frozenset[str] = frozenset()
 
 
 def redact_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``headers`` safe to log: credential values replaced by ``<redacted>``."""
+    """A copy of ``headers`` safe to log: credential values replaced by ``<redacted>``, and the
+    query string of ``:path`` too (``?access_token=...``, ``?api_key=...`` carry credentials)."""
     hidden = SENSITIVE_HEADERS | _extra_sensitive
-    return {k: (REDACTED if k.lower() in hidden else v) for k, v in headers.items()}
+    out = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in hidden:
+            value = REDACTED
+        elif lower == ":path" and "?" in value:
+            value = value.split("?", 1)[0] + "?" + REDACTED
+        out[name] = value
+    return out
 
 
 class JsonFormatter(logging.Formatter):

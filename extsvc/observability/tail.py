@@ -150,16 +150,18 @@ def format_line(decision: Any, colour: bool) -> str:
 async def tail(target: Target, query: Query, out: TextIO, *, as_json: bool, colour: bool) -> None:
     """Print decisions to ``out`` until the stream ends (or the caller is cancelled)."""
     async for message in watch(target, query):
-        if message.HasField("decision"):
-            if as_json:
-                line = json.dumps(decision_dict(message.decision), separators=(",", ":"))
-            else:
-                line = format_line(message.decision, colour)
-        else:
-            line = (json.dumps({"kind": "dropped", "count": message.dropped}) if as_json
-                    else f"... {message.dropped} decisions dropped (this reader did not keep up)")
-        out.write(line + "\n")
-        out.flush()
+        lines = []
+        if message.dropped:
+            lines.append(
+                json.dumps({"kind": "dropped", "count": message.dropped}) if as_json
+                else f"... {message.dropped} decisions dropped (this reader did not keep up)"
+            )
+        for decision in message.decisions:
+            lines.append(json.dumps(decision_dict(decision), separators=(",", ":")) if as_json
+                         else format_line(decision, colour))
+        if lines:
+            out.write("\n".join(lines) + "\n")
+            out.flush()
 
 
 @dataclass
@@ -245,10 +247,10 @@ async def top(
     async def read() -> None:
         try:
             async for message in watch(target, query):
-                if message.HasField("decision"):
-                    summary.add(message.decision, time.monotonic())
-                else:
-                    summary.dropped += message.dropped
+                now = time.monotonic()
+                for decision in message.decisions:
+                    summary.add(decision, now)
+                summary.dropped += message.dropped
         except TailError as exc:
             failure.append(exc)
 

@@ -36,16 +36,32 @@ STOP_TIMEOUT_S = 3.0
 StepTrace = tuple[str, str, str, float, float]
 
 
+class _Api:
+    """OpenTelemetry's names the spans need, imported once, when tracing starts."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        self.in_context = trace.set_span_in_context
+        self.internal = SpanKind.INTERNAL
+        self.server = SpanKind.SERVER
+        self.Status = Status
+        self.error = StatusCode.ERROR
+
+
 class RpcSpan:
     """The SERVER span of one RPC and what its children need (its clock origins)."""
 
-    __slots__ = ("_ns0", "_pc0", "_tracer", "span")
+    __slots__ = ("_api", "_context", "_ns0", "_pc0", "_tracer", "span")
 
-    def __init__(self, tracer: Any, span: Any, ns0: int, pc0: float) -> None:
+    def __init__(self, api: _Api, tracer: Any, span: Any, ns0: int, pc0: float) -> None:
+        self._api = api
         self._tracer = tracer
         self.span = span
         self._ns0 = ns0
         self._pc0 = pc0
+        self._context: Any = None
 
     @property
     def trace_id(self) -> str:
@@ -54,54 +70,52 @@ class RpcSpan:
     def _ns(self, pc: float) -> int:
         return self._ns0 + int((pc - self._pc0) * 1e9)
 
+    def _parent(self) -> Any:
+        if self._context is None:
+            self._context = self._api.in_context(self.span)
+        return self._context
+
     def child(
         self, name: str, start: float, end: float, attributes: dict[str, Any], error: str = "",
         steps: Sequence[StepTrace] = (),
     ) -> None:
         """A finished child span (times from ``perf_counter``), with ``steps`` beneath it."""
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        parent = trace.set_span_in_context(self.span)
+        api = self._api
         span = self._tracer.start_span(
-            name, context=parent, kind=SpanKind.INTERNAL, attributes=attributes,
+            name, context=self._parent(), kind=api.internal, attributes=attributes,
             start_time=self._ns(start),
         )
         if error:
-            span.set_status(Status(StatusCode.ERROR, error))
+            span.set_status(api.Status(api.error, error))
         if steps:
-            self._steps(span, steps)
+            self._steps(api.in_context(span), steps)
         span.end(end_time=self._ns(end))
 
     def steps(self, steps: Iterable[StepTrace]) -> None:
         """One child span per step."""
-        self._steps(self.span, steps)
+        self._steps(self._parent(), steps)
 
-    def _steps(self, parent_span: Any, steps: Iterable[StepTrace]) -> None:
-        from opentelemetry import trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        parent = trace.set_span_in_context(parent_span)
+    def _steps(self, parent: Any, steps: Iterable[StepTrace]) -> None:
+        api = self._api
+        start_span = self._tracer.start_span
         for name, kind, outcome, start, end in steps:
-            span = self._tracer.start_span(
-                f"step {name}", context=parent, kind=SpanKind.INTERNAL,
+            span = start_span(
+                f"step {name}", context=parent, kind=api.internal,
                 attributes={"extsvc.step.name": name, "extsvc.step.kind": kind,
                             "extsvc.step.outcome": outcome},
                 start_time=self._ns(start),
             )
             if outcome in ("error", "timeout"):
-                span.set_status(Status(StatusCode.ERROR, outcome))
+                span.set_status(api.Status(api.error, outcome))
             span.end(end_time=self._ns(end))
 
     def finish(self, attributes: dict[str, Any], grpc_code: int = 0, error: str = "") -> None:
         """Set the RPC's outcome and end the span now."""
-        from opentelemetry.trace import Status, StatusCode
-
         span = self.span
+        attributes["rpc.grpc.status_code"] = grpc_code
         span.set_attributes(attributes)
-        span.set_attribute("rpc.grpc.status_code", grpc_code)
         if error:
-            span.set_status(Status(StatusCode.ERROR, error))
+            span.set_status(self._api.Status(self._api.error, error))
         span.end(end_time=self._ns(perf_counter()))
 
 
@@ -138,6 +152,7 @@ class Tracing:
 
         self.descriptor_values = descriptor_values
         self.endpoint = endpoint
+        self._api = _Api()
         resource = Resource.create({
             "service.name": service_name,
             "service.version": _version(),
@@ -162,8 +177,6 @@ class Tracing:
 
     def begin(self, service: str, method: str, context: Any) -> RpcSpan | None:
         """The SERVER span of an RPC, child of the caller's context; None when not sampled."""
-        from opentelemetry.trace import SpanKind
-
         try:
             carrier = dict(context.invocation_metadata() or ())
         except Exception:  # noqa: BLE001 (a context without metadata: a trace of our own)
@@ -171,12 +184,12 @@ class Tracing:
         parent = self._propagator.extract(carrier)
         ns0, pc0 = time.time_ns(), perf_counter()
         span = self._tracer.start_span(
-            f"{service}/{method}", context=parent, kind=SpanKind.SERVER, start_time=ns0,
+            f"{service}/{method}", context=parent, kind=self._api.server, start_time=ns0,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
         )
         if not span.is_recording():
             return None
-        return RpcSpan(self._tracer, span, ns0, pc0)
+        return RpcSpan(self._api, self._tracer, span, ns0, pc0)
 
     async def stop(self) -> None:
         """Export what is queued (bounded by :data:`STOP_TIMEOUT_S`) and stop."""

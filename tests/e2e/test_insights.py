@@ -1,9 +1,9 @@
 """Traffic insights through a real Envoy: traces that continue Envoy's into extsvc's spans, and
 the live decision stream read by ``extsvc tail`` / ``extsvc top``.
 
-Envoy (tests/e2e/insights/envoy.yaml) runs ext_authz -> ext_proc -> ratelimit -> router against
-one ``extsvc serve``, and its OpenTelemetry tracer exports to the test's OTLP collector, as does
-extsvc (``tracing_endpoint``).
+Envoy (docs/envoy/traced.yaml, the example of docs/observability.md) runs ext_authz -> ext_proc
+-> ratelimit -> router against one ``extsvc serve``, and its OpenTelemetry tracer exports to the
+test's OTLP collector, as does extsvc (``tracing_endpoint``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from extsvc.testing.otlp import OtlpCollector, ReceivedSpan
 from .conftest import StartEnvoy
 
 HERE = Path(__file__).resolve().parent / "insights"
+ENVOY = Path(__file__).resolve().parents[2] / "docs" / "envoy" / "traced.yaml"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 SERVER, CLIENT = 2, 3
@@ -44,14 +45,14 @@ def extsvc(collector: OtlpCollector) -> Iterator[ExtsvcProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(start_envoy: StartEnvoy, extsvc: ExtsvcProcess, collector: OtlpCollector) -> EnvoyProcess:
-    return start_envoy(HERE / "envoy.yaml", extsvc.grpc_port, p4317=collector.port)
+    return start_envoy(ENVOY, extsvc.grpc_port, p4317=collector.port)
 
 
 def send(envoy: EnvoyProcess, path: str, headers: dict[str, str], body: bytes | None = None) -> int:
     request = urllib.request.Request(envoy.url(path), data=body, headers=headers,
                                      method="POST" if body is not None else "GET")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -142,7 +143,7 @@ def test_without_a_client_trace_envoy_starts_one_and_extsvc_joins_it(
 
 
 def _tail(extsvc: ExtsvcProcess, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # noqa: S603 (our own CLI)
+    return subprocess.Popen(
         [sys.executable, "-m", "extsvc", "tail", "--admin", f"127.0.0.1:{extsvc.admin_port}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -216,7 +217,7 @@ def test_extsvc_tail_prints_recent_decisions_and_top_summarises_them(
     assert all(" ext_authz members \033[32mALLOW\033[0m " in line for line in lines)
     assert all("GET 127.0.0.1:" in line and "/summary" in line for line in lines)
 
-    top = subprocess.Popen(  # noqa: S603 (our own CLI)
+    top = subprocess.Popen(
         [sys.executable, "-m", "extsvc", "top", "--admin", f"127.0.0.1:{extsvc.admin_port}",
          "--interval", "3", "--iterations", "1", "--window", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -232,6 +233,6 @@ def test_extsvc_tail_prints_recent_decisions_and_top_summarises_them(
     assert header.split()[:3] == ["SERVICE", "POLICY", "RATE/S"]
     members = [r.split() for r in rows if r.split()[:2] == ["ext_authz", "members"]]
     assert members, out
-    service, policy, rate, denied, p50, p99, count = members[0]
+    _, _, _, denied, p50, p99, count = members[0]
     assert (int(count), denied) == (5, "20.0%")
     assert 0 < float(p50) <= float(p99)

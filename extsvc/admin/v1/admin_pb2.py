@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xtsvc/admin/v1/admin.proto\x12\x0f\x65xtsvc.admin.v1\"n\n\x0e\x44\x65\x63isionFilter\x12\x10\n\x08services\x18\x01 \x03(\t\x12\x10\n\x08policies\x18\x02 \x03(\t\x12\x10\n\x08outcomes\x18\x03 \x03(\t\x12\x11\n\tauthority\x18\x04 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x05 \x01(\t\"\x80\x01\n\x15WatchDecisionsRequest\x12/\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1f.extsvc.admin.v1.DecisionFilter\x12\x0e\n\x06recent\x18\x02 \x01(\r\x12\x13\n\x0b\x61ll_workers\x18\x03 \x01(\x08\x12\x11\n\tno_follow\x18\x04 \x01(\x08\"c\n\x16WatchDecisionsResponse\x12-\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x19.extsvc.admin.v1.DecisionH\x00\x12\x11\n\x07\x64ropped\x18\x02 \x01(\x04H\x00\x42\x07\n\x05\x65vent\"\xf1\x02\n\x08\x44\x65\x63ision\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x03\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x11\n\tauthority\x18\x0b \x01(\t\x12\x0c\n\x04path\x18\x0c \x01(\t\x12\x0e\n\x06method\x18\r \x01(\t\x12\x0e\n\x06source\x18\x0e \x01(\t\x12\x0e\n\x06worker\x18\x0f \x01(\r\x12\x35\n\x06\x64\x65tail\x18\x10 \x03(\x0b\x32%.extsvc.admin.v1.Decision.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32l\n\x05\x41\x64min\x12\x63\n\x0eWatchDecisions\x12&.extsvc.admin.v1.WatchDecisionsRequest\x1a\'.extsvc.admin.v1.WatchDecisionsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xtsvc/admin/v1/admin.proto\x12\x0f\x65xtsvc.admin.v1\"n\n\x0e\x44\x65\x63isionFilter\x12\x10\n\x08services\x18\x01 \x03(\t\x12\x10\n\x08policies\x18\x02 \x03(\t\x12\x10\n\x08outcomes\x18\x03 \x03(\t\x12\x11\n\tauthority\x18\x04 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x05 \x01(\t\"\x80\x01\n\x15WatchDecisionsRequest\x12/\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1f.extsvc.admin.v1.DecisionFilter\x12\x0e\n\x06recent\x18\x02 \x01(\r\x12\x13\n\x0b\x61ll_workers\x18\x03 \x01(\x08\x12\x11\n\tno_follow\x18\x04 \x01(\x08\"W\n\x16WatchDecisionsResponse\x12,\n\tdecisions\x18\x01 \x03(\x0b\x32\x19.extsvc.admin.v1.Decision\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"\xf1\x02\n\x08\x44\x65\x63ision\x12\x14\n\x0ctime_unix_ms\x18\x01 \x01(\x03\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\r\x12\x0c\n\x04step\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x12\n\nlatency_ms\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12\x11\n\tauthority\x18\x0b \x01(\t\x12\x0c\n\x04path\x18\x0c \x01(\t\x12\x0e\n\x06method\x18\r \x01(\t\x12\x0e\n\x06source\x18\x0e \x01(\t\x12\x0e\n\x06worker\x18\x0f \x01(\r\x12\x35\n\x06\x64\x65tail\x18\x10 \x03(\x0b\x32%.extsvc.admin.v1.Decision.DetailEntry\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32l\n\x05\x41\x64min\x12\x63\n\x0eWatchDecisions\x12&.extsvc.admin.v1.WatchDecisionsRequest\x1a\'.extsvc.admin.v1.WatchDecisionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,11 +38,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHDECISIONSREQUEST']._serialized_start=161
   _globals['_WATCHDECISIONSREQUEST']._serialized_end=289
   _globals['_WATCHDECISIONSRESPONSE']._serialized_start=291
-  _globals['_WATCHDECISIONSRESPONSE']._serialized_end=390
-  _globals['_DECISION']._serialized_start=393
-  _globals['_DECISION']._serialized_end=762
-  _globals['_DECISION_DETAILENTRY']._serialized_start=717
-  _globals['_DECISION_DETAILENTRY']._serialized_end=762
-  _globals['_ADMIN']._serialized_start=764
-  _globals['_ADMIN']._serialized_end=872
+  _globals['_WATCHDECISIONSRESPONSE']._serialized_end=378
+  _globals['_DECISION']._serialized_start=381
+  _globals['_DECISION']._serialized_end=750
+  _globals['_DECISION_DETAILENTRY']._serialized_start=705
+  _globals['_DECISION_DETAILENTRY']._serialized_end=750
+  _globals['_ADMIN']._serialized_start=752
+  _globals['_ADMIN']._serialized_end=860
 # @@protoc_insertion_point(module_scope)

@@ -48,8 +48,8 @@ class AdminServicer:
 
     def WatchDecisions(self, request, context):
         """The decisions this server makes, as it makes them: first up to `recent` of the ones it has
-        kept, then each new one until the caller cancels. A reader that cannot keep up loses
-        decisions (a `dropped` message says how many), never slows the requests.
+        kept, then the new ones until the caller cancels. A reader that cannot keep up loses
+        decisions (`dropped` says how many), never slows the requests.
 
         Errors: UNAUTHENTICATED when the server has an admin token and the call's `authorization`
         metadata is not `Bearer <token>`; RESOURCE_EXHAUSTED past the server's reader cap;
