@@ -205,10 +205,7 @@ class EnvoyCheckContext(CheckContext):
     @property
     def source_address(self) -> str:
         """The downstream address, without decoding the rest of :attr:`source`."""
-        try:
-            return self._source.address
-        except AttributeError:
-            return str(self._attrs.source.address.socket_address.address)
+        return str(self._attrs.source.address.socket_address.address)
 
     @property
     def stream_id(self) -> str:

@@ -24,6 +24,7 @@ from extsvc.deadline import AnswerMargin
 from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
 from extsvc.observability.decisions import (
+    MAX_FIELD,
     DecisionLog,
     DecisionRecord,
     bounded,
@@ -215,12 +216,22 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         assert decisions is not None
         decision = outcome.decision
         header = check.header
+        # Every text is bounded (a record may be kept, and held by readers); the checks are
+        # inline, as the values are nearly always short.
+        reason = decision.reason
+        request_id = header("x-request-id") or ""
+        host = check.host
+        path = check.path
+        method = check.method
         return DecisionRecord(
             decisions.clock(), "ext_authz", name, outcome.label,
-            0 if decision.allowed else decision.status, outcome.step, bounded(decision.reason),
-            latency, bounded(header("x-request-id") or "", 128),
+            0 if decision.allowed else decision.status, outcome.step,
+            reason if len(reason) <= MAX_FIELD else bounded(reason),
+            latency, request_id if len(request_id) <= 128 else bounded(request_id, 128),
             span.trace_id if span is not None else trace_id_of(header),
-            bounded(check.host, 256), route_path(check.path), bounded(check.method, 16),
+            host if len(host) <= 256 else bounded(host, 256),
+            path if len(path) <= MAX_FIELD else bounded(path),  # no query: CheckContext.path
+            method if len(method) <= 16 else bounded(method, 16),
             check.source_address,
             decisions.header_detail(check.headers) if decisions.headers else (),
             decisions.worker,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 
 #: Seconds :meth:`Tracing.stop` waits for the last spans to be exported.
 STOP_TIMEOUT_S = 3.0
+
+#: Metadata keys that carry a caller's trace context (W3C, B3 multi and single header).
+_TRACE_KEYS = frozenset({"traceparent", "x-b3-traceid", "b3"})
+
+
+def _not_sampled(carrier: dict[str, str]) -> bool:
+    """Whether the caller's context says "not sampled" (its trace is then not recorded)."""
+    parent = carrier.get("traceparent")
+    if parent is not None:
+        return parent.endswith("-00")
+    sampled = carrier.get("x-b3-sampled")
+    if sampled is not None:
+        return sampled == "0"
+    single = carrier.get("b3", "")
+    return single == "0" or (single.count("-") >= 2 and single.split("-")[2] == "0")
+
 
 #: One step's trace: (name, kind, outcome, perf_counter start, perf_counter end).
 StepTrace = tuple[str, str, str, float, float]
@@ -145,7 +162,7 @@ class Tracing:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from extsvc.observability.metrics import _version
@@ -153,13 +170,15 @@ class Tracing:
         self.descriptor_values = descriptor_values
         self.endpoint = endpoint
         self._api = _Api()
+        self._ratio = sample_ratio
         resource = Resource.create({
             "service.name": service_name,
             "service.version": _version(),
             "service.instance.id": f"{socket.gethostname()}/{os.getpid()}",
         })
         self._provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(sample_ratio))
+            # roots: the ratio is applied in begin(), before the SDK is asked
+            resource=resource, sampler=ParentBased(ALWAYS_ON)
         )
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -176,12 +195,26 @@ class Tracing:
         )
 
     def begin(self, service: str, method: str, context: Any) -> RpcSpan | None:
-        """The SERVER span of an RPC, child of the caller's context; None when not sampled."""
+        """The SERVER span of an RPC, child of the caller's context; None when not sampled.
+
+        The sampling decision is made here first, from the metadata alone, so that a call not
+        sampled costs a dict and a random number, not OpenTelemetry's context machinery: a
+        caller's flag that says "not sampled" (``traceparent`` ``-00``, ``x-b3-sampled: 0``,
+        ``b3: ...-0``) ends it, and a call without a caller's context is sampled at the
+        ratio. What remains goes to the SDK, whose sampler follows the caller's flag.
+        """
         try:
             carrier = dict(context.invocation_metadata() or ())
         except Exception:  # noqa: BLE001 (a context without metadata: a trace of our own)
             carrier = {}
-        parent = self._propagator.extract(carrier)
+        if _TRACE_KEYS.isdisjoint(carrier):
+            if self._ratio < 1.0 and random.random() >= self._ratio:  # noqa: S311 (sampling)
+                return None
+            parent = None
+        elif _not_sampled(carrier):
+            return None
+        else:
+            parent = self._propagator.extract(carrier)
         ns0, pc0 = time.time_ns(), perf_counter()
         span = self._tracer.start_span(
             f"{service}/{method}", context=parent, kind=self._api.server, start_time=ns0,

@@ -309,3 +309,24 @@ def test_the_grafana_dashboard_ships_in_a_configmap_for_the_sidecar() -> None:
     assert elsewhere["metadata"]["namespace"] == "monitoring"
     labels = elsewhere["metadata"]["labels"]
     assert labels["team"] == "edge" and "grafana_dashboard" not in labels
+
+
+def test_an_admin_token_secret_guards_the_decision_stream() -> None:
+    """server.adminTokenSecret: the Secret's key is mounted as a file and named in
+    EXTSVC_ADMIN_TOKEN_FILE (the decision stream then requires it); nothing without it."""
+    def server(values: dict[str, Any]) -> dict[str, Any]:
+        pod = of_kind(render(values), "Deployment")[0]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        return {"env": env, "mounts": mounts, "volumes": volumes}
+
+    plain = server({})
+    assert "EXTSVC_ADMIN_TOKEN_FILE" not in plain["env"] and "admin-token" not in plain["volumes"]
+    guarded = server({"server": {"adminTokenSecret": {"name": "tail-token", "key": "t"}}})
+    assert guarded["env"]["EXTSVC_ADMIN_TOKEN_FILE"] == "/etc/extsvc/admin/token"
+    assert guarded["mounts"]["admin-token"] == "/etc/extsvc/admin"
+    assert guarded["volumes"]["admin-token"]["secret"] == {
+        "secretName": "tail-token", "items": [{"key": "t", "path": "token"}]
+    }

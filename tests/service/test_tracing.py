@@ -101,7 +101,13 @@ async def test_sampling_follows_the_caller_and_the_ratio_decides_new_traces(conf
             check = authz_stub(channel).Check
             for _ in range(5):  # no caller context: the ratio (0) decides
                 await check(check_request("/"))
-            await check(check_request("/"), metadata=(("traceparent", f"00-{TRACE}-{PARENT}-00"),))
+            for unsampled in (
+                (("traceparent", f"00-{TRACE}-{PARENT}-00"),),
+                (("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT), ("x-b3-sampled", "0")),
+                (("b3", f"{TRACE}-{PARENT}-0"),),
+                (("b3", "0"),),
+            ):  # the caller said "not sampled"
+                await check(check_request("/"), metadata=unsampled)
             await check(check_request("/"), metadata=(("traceparent", f"00-{TRACE}-{PARENT}-01"),))
             assert server.tracing is not None and server.tracing.flush()
         spans = collector.wait_for(lambda s: len(_rpc_spans(s, CHECK)) >= 1)
