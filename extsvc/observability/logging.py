@@ -79,6 +79,15 @@ def configure(level: str = "INFO", fmt: str = "text", redact: Iterable[str] = ()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # DEBUG is for extsvc's own lines: the libraries' debug output (grpc logs a line per call,
+    # passlib one per hash scheme) would bury them.
+    quiet = max(root.level, logging.INFO)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)
+
+
+#: Loggers held at INFO when extsvc logs at DEBUG.
+QUIET_LIBRARIES = ("grpc", "passlib", "asyncio", "httpx", "httpcore", "opentelemetry", "urllib3")
 
 
 class LogThrottle:
