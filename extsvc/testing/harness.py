@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import IO, Any, Self
 
 __all__ = [
     "EchoBackend",
@@ -65,6 +66,34 @@ def with_ports(config: str, ports: Mapping[int, int]) -> str:
         return f"{match.group(1)}{ports.get(port, port)}"
 
     return re.sub(r"(port_value:\s*)(\d+)", swap, config)
+
+
+def json_lines(stream: IO[str], count: int, timeout: float) -> list[dict[str, Any]]:
+    """Up to ``count`` JSON objects read line by line from a child process's pipe (``extsvc
+    tail --json``), waiting ``timeout`` seconds in all: a child that prints fewer never blocks
+    the caller past it. Lines that are not JSON objects are skipped."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, name="json-lines", daemon=True).start()
+    found: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(found) < count:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                found.append(value)
+    return found
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -67,3 +67,15 @@ def test_soak() -> None:
     assert "redis restarts" in out and "jwks flaps" in out and "reloads (broken)" in out
     # timing failures may happen on a loaded machine; these never may
     assert "was allowed" not in out and "not redacted" not in out
+
+
+@pytest.mark.slow
+def test_insights_bench() -> None:
+    out = run("insights_bench.py", "--requests", "300", "--rounds", "1", "--path", "authz",
+              "--case", "baseline", "--case", "stream", "--case", "tracing-100", "--settle", "0.2")
+    assert re.search(r"^\| stream \| [0-9,]+ \|.*\*\*[0-9.]+\*\*", out, re.MULTILINE), out
+    # the collector got the spans of every measured Check: one per RPC and one per step
+    match = re.search(r"tracing-100 authz: ([0-9,]+) measured RPCs; .*received/expected ([0-9.]+)",
+                      out)
+    assert match and float(match.group(2)) > 0.9, out
+    assert "dropped (slow reader) 0" in out

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from extsvc.testing.harness import EnvoyProcess, ExtsvcProcess, wait_until
+from extsvc.testing.harness import EnvoyProcess, ExtsvcProcess, json_lines, wait_until
 from extsvc.testing.otlp import OtlpCollector, ReceivedSpan
 
 from .conftest import StartEnvoy
@@ -164,13 +163,8 @@ def test_extsvc_tail_follows_the_decisions_of_a_live_server_behind_envoy(
         assert send(envoy, "/upload", {"x-user": "erin", "content-type": "text/plain"},
                     b"x" * 100) == 413
         assert send(envoy, "/fine", {"x-user": "erin"}) == 200  # an allow: filtered out
-        records: list[dict[str, object]] = []
-        deadline = time.monotonic() + 10
         assert tail.stdout is not None
-        while len(records) < 4 and time.monotonic() < deadline:
-            line = tail.stdout.readline()
-            if line:
-                records.append(json.loads(line))
+        records = json_lines(tail.stdout, 4, timeout=10)
     finally:
         tail.terminate()
         tail.wait(5)

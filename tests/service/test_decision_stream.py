@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from extsvc.testing import authz_stub, check_request
+from extsvc.testing.harness import json_lines
 
 from .conftest import EXTSVC, Proc, clean_env, run_cli
 
@@ -69,13 +70,8 @@ def test_one_tail_follows_every_worker(spawn: Callable[..., Proc], tmp_path: Pat
     try:
         time.sleep(1.5)  # attached (to one worker, which reads the other's socket)
         _checks(proc, 40, "live")
-        seen: list[dict[str, object]] = []
-        deadline = time.monotonic() + 15
         assert follower.stdout is not None
-        while len(seen) < 40 and time.monotonic() < deadline:
-            line = follower.stdout.readline()
-            if line:
-                seen.append(json.loads(line))
+        seen = json_lines(follower.stdout, 40, timeout=15)
     finally:
         follower.terminate()
         follower.wait(5)
