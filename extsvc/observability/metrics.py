@@ -239,7 +239,7 @@ class Metrics:
         self.extproc_streams = Counter(
             "extsvc_extproc_streams_total",
             "ext_proc streams by policy and outcome (ok, immediate, unknown-policy, unselected, "
-            "protocol-error, not-ready, reset, cancelled)",
+            "protocol-error, not-ready, incomplete, cancelled)",
             ["policy", "outcome"],
             registry=r,
         )
@@ -367,7 +367,7 @@ class Metrics:
         )
         self.grpc_handled = Counter(
             "extsvc_grpc_handled_total",
-            "RPCs ended, by service (ext_authz, ext_proc, ratelimit, admin), method and gRPC "
+            "RPCs ended, by service (ext_authz, ext_proc, ratelimit), method and gRPC "
             "status code name (OK, INVALID_ARGUMENT, UNAVAILABLE, RESOURCE_EXHAUSTED, "
             "CANCELLED, ...); ext_authz denials are OK calls (the denial is in the answer)",
             ["service", "method", "code"], registry=r,

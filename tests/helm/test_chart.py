@@ -250,6 +250,13 @@ def test_the_chart_lints_clean_and_its_notes_say_where_to_connect() -> None:
     assert "every Check is denied (403)" in text  # the default values have no policy
     configured = chart.render({"config": {"file": POLICIES}}, name=RELEASE, namespace=NAMESPACE)
     assert "every Check is denied" not in configured["extsvc/templates/NOTES.txt"]
+    # how to watch the decisions, and a word about the token
+    assert f"exec deploy/{RELEASE}-extsvc -- extsvc tail -f\n" in text
+    assert "has no token: set server.adminTokenSecret" in text
+    guarded = chart.render({"server": {"adminTokenSecret": {"name": "t"}}}, name=RELEASE,
+                           namespace=NAMESPACE)["extsvc/templates/NOTES.txt"]
+    assert "extsvc tail -f --token-file /etc/extsvc/admin/token" in guarded
+    assert "has no token" not in guarded
 
 
 def test_every_value_is_described_in_values_yaml() -> None:
