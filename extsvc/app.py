@@ -155,6 +155,7 @@ class ExtsvcServer:
             self.tracing = Tracing(
                 s.tracing_endpoint, sample_ratio=s.tracing_sample_ratio,
                 service_name=s.tracing_service_name, descriptor_values=s.tracing_descriptor_values,
+                metrics=self.metrics,
             )
         self.decisions.start()
         await self.admin_api.start()

@@ -385,6 +385,12 @@ class Metrics:
             "backlog: stdout could not keep up)",
             ["sink", "reason"], registry=r,
         )
+        self.spans_exported = Counter(
+            "extsvc_tracing_spans_exported_total",
+            "Spans handed to the OTLP collector, by result (ok, failed: the collector was "
+            "unreachable or refused the batch after the exporter's retries)",
+            ["result"], registry=r,
+        )
         self.decision_readers = Gauge(
             "extsvc_decision_stream_readers",
             "Live decision stream readers attached (extsvc tail / top)",

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from time import perf_counter
 from typing import Any
 
+from extsvc.observability.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 #: Seconds :meth:`Tracing.stop` waits for the last spans to be exported.
@@ -145,6 +147,8 @@ class Tracing:
     :param service_name: ``service.name`` of the spans' resource.
     :param descriptor_values: put rate-limit descriptor values on spans (off: keys only).
     :param exporter: a span exporter to use instead (tests).
+    :param metrics: where exported and failed spans are counted
+        (``extsvc_tracing_spans_exported_total{result}``).
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class Tracing:
         descriptor_values: bool = False,
         export_timeout_s: float = 5.0,
         exporter: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
         from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
         from opentelemetry.propagators.composite import CompositePropagator
@@ -184,6 +189,12 @@ class Tracing:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             exporter = OTLPSpanExporter(endpoint=endpoint, timeout=export_timeout_s)
+            # its retries log a warning each; a failed batch is logged (ERROR) and counted
+            logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(
+                logging.ERROR
+            )
+        if metrics is not None:
+            exporter = _counting(exporter, metrics)
         self._provider.add_span_processor(BatchSpanProcessor(
             exporter, max_queue_size=4096, schedule_delay_millis=500,
             export_timeout_millis=int(export_timeout_s * 1000),
@@ -234,3 +245,26 @@ class Tracing:
     def flush(self, timeout_s: float = 5.0) -> bool:
         """Export every finished span now (tests, benchmarks)."""
         return bool(self._provider.force_flush(int(timeout_s * 1000)))
+
+
+def _counting(exporter: Any, metrics: Metrics) -> Any:
+    """``exporter``, counting the spans of each batch by result (``ok``, ``failed``)."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    ok = metrics.spans_exported.labels("ok")
+    failed = metrics.spans_exported.labels("failed")
+
+    class Counting(SpanExporter):
+        def export(self, spans: Any) -> Any:
+            result = exporter.export(spans)
+            (ok if result is SpanExportResult.SUCCESS else failed).inc(len(spans))
+            return result
+
+        def shutdown(self) -> None:
+            exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return bool(exporter.force_flush(timeout_millis))
+
+    return Counting()
+

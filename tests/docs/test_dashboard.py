@@ -29,6 +29,7 @@ from extsvc.plugin.host import PluginHost
 from extsvc.testing import ScriptPlugin, authz_stub, check_request, running_server
 from extsvc.testing.extproc import headers_message
 from extsvc.testing.harness import ExtsvcProcess, wait_for_window_room
+from extsvc.testing.otlp import OtlpCollector
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "helm" / "extsvc" / "dashboards" / "extsvc.json"
@@ -493,12 +494,16 @@ async def test_every_query_names_metrics_and_labels_a_live_extsvc_exports(config
     wait_for_window_room(3600)  # the limits are per hour of the real clock: never across its end
     script = ScriptPlugin()
     host = PluginHost.create(extra_plugins=[("script", script)], load_entry_points=False)
-    # one decision record a second: the rest are dropped, so the drop counter has samples too
-    async with running_server(config, host=host, decision_log_max_per_second=1) as server:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            await send_traffic(channel)
-        async with httpx.AsyncClient(timeout=5) as client:
-            response = await client.get(f"http://127.0.0.1:{server.admin_port}/metrics")
+    # one decision record a second: the rest are dropped, so the drop counter has samples too;
+    # traced, to a collector of the test's, so that the exported spans are counted
+    with OtlpCollector() as collector:
+        async with running_server(config, host=host, decision_log_max_per_second=1,
+                                  tracing_endpoint=collector.endpoint) as server:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+                await send_traffic(channel)
+            assert server.tracing is not None and server.tracing.flush()
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.get(f"http://127.0.0.1:{server.admin_port}/metrics")
     assert response.status_code == 200
     scrape = Scrape.parse(response.text)
     dashboard = load_dashboard()
