@@ -143,10 +143,14 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         recent = min(request.recent, 100_000)
         peers = self._peers() if request.all_workers else []
-        if request.no_follow:
-            async for message in self._recent(filter, recent, request, peers):
+        if request.no_follow or (peers and recent):
+            # the kept decisions of every worker, merged in time order; then (following) the
+            # new ones only
+            async for message in self._recent(filter, recent, request.filter, peers):
                 yield message
-            return
+            if request.no_follow:
+                return
+            recent = 0
         reader = self._decisions.attach(filter, recent)
         if reader is None:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many decision readers")
@@ -162,13 +166,13 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     # costs the loop far less than one per decision on a busy server
                     await asyncio.sleep(BATCH_INTERVAL_S)
             else:
-                async for message in self._merge(reader, request, peers, context):
+                async for message in self._merge(reader, request.filter, peers):
                     yield message
         finally:
             self._decisions.detach(reader)
 
     async def _recent(
-        self, filter: DecisionFilter, recent: int, request: Any, peers: list[str]
+        self, filter: DecisionFilter, recent: int, wire_filter: Any, peers: list[str]
     ) -> AsyncIterator[Any]:
         """The kept decisions of this worker (and the peers'), oldest first, then the end."""
         messages = [to_message(r) for r in self._decisions.recent(filter, recent)]
@@ -176,7 +180,8 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             try:
                 async with grpc.aio.insecure_channel(f"unix:{peer}") as channel:
                     call = admin_pb2_grpc.AdminStub(channel).WatchDecisions(
-                        self._peer_request(request), metadata=self._metadata(), timeout=5.0
+                        _peer_request(wire_filter, recent, follow=False),
+                        metadata=self._metadata(), timeout=5.0,
                     )
                     async for response in call:
                         messages.extend(response.decisions)
@@ -187,18 +192,12 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         for start in range(0, len(kept), RECENT_BATCH):
             yield admin_pb2.WatchDecisionsResponse(decisions=kept[start:start + RECENT_BATCH])
 
-    def _peer_request(self, request: Any) -> Any:
-        return admin_pb2.WatchDecisionsRequest(
-            filter=request.filter, recent=request.recent, all_workers=False,
-            no_follow=request.no_follow,
-        )
-
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._token}"),) if self._token is not None else ()
 
-    async def _merge(
-        self, reader: Any, request: Any, peers: list[str], context: Any
-    ) -> AsyncIterator[Any]:
+    async def _merge(self, reader: Any, wire_filter: Any, peers: list[str]) -> AsyncIterator[Any]:
+        """This worker's new decisions and the other workers' (read from their sockets), as
+        they come; a worker that restarts is read again once its socket is back."""
         queue: asyncio.Queue[Any] = asyncio.Queue(MERGE_QUEUE)
         dropped = 0
 
@@ -218,12 +217,8 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 await asyncio.sleep(BATCH_INTERVAL_S)
 
         async def remote(peer: str) -> None:
-            first = True
             while True:
-                peer_request = self._peer_request(request)
-                if not first:
-                    peer_request.recent = 0
-                first = False
+                peer_request = _peer_request(wire_filter, 0, follow=True)
                 try:
                     async with grpc.aio.insecure_channel(f"unix:{peer}") as channel:
                         call = admin_pb2_grpc.AdminStub(channel).WatchDecisions(
@@ -251,6 +246,13 @@ class AdminApi(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _peer_request(wire_filter: Any, recent: int, *, follow: bool) -> Any:
+    """What one worker asks another: the same filter, that worker's decisions only."""
+    return admin_pb2.WatchDecisionsRequest(
+        filter=wire_filter, recent=recent, all_workers=False, no_follow=not follow
+    )
 
 
 def read_token(path: Path | None) -> str | None:

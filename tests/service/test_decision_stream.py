@@ -85,6 +85,19 @@ def test_one_tail_follows_every_worker(spawn: Callable[..., Proc], tmp_path: Pat
     assert len(records) == 40
     times = [r["time"] for r in records]
     assert times == sorted(times)
+    # following with --last N: the N most recent of all workers first, merged in time order
+    follower = subprocess.Popen(  # noqa: S603 (the project's own CLI)
+        [str(EXTSVC), "tail", "--admin", f"127.0.0.1:{proc.admin_port}", "-f", "--last", "5",
+         "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )
+    try:
+        assert follower.stdout is not None
+        first = json_lines(follower.stdout, 5, timeout=15)
+    finally:
+        follower.terminate()
+        follower.wait(5)
+    assert [r["request_id"] for r in first] == [r["request_id"] for r in records[-5:]]
     # --this-worker: only the worker the connection reached
     one = run_cli("tail", "--admin", f"127.0.0.1:{proc.admin_port}", "--json", "--last", "100",
                   "--this-worker")
