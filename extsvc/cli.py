@@ -122,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
 def _stream(args: argparse.Namespace) -> int:
     from extsvc.observability import tail as tail_module
 
-    target = tail_module.Target.of(args.admin, args.token_file, not args.this_worker)
+    try:
+        target = tail_module.Target.of(args.admin, args.token_file, not args.this_worker)
+    except OSError as exc:
+        print(f"extsvc {args.command}: cannot read the admin token: {exc}", file=sys.stderr)
+        return 1
     query = tail_module.Query(
         services=args.service, policies=args.policy, outcomes=args.outcome,
         authority=args.authority, path_prefix=args.path_prefix,

@@ -49,6 +49,9 @@ def test_the_admin_token_guards_the_stream(spawn: Callable[..., Proc], tmp_path:
     wrong.write_text("guess")
     assert "UNAUTHENTICATED" in run_cli("tail", "--admin", admin, "--token-file", str(wrong)).stderr
 
+    missing = run_cli("tail", "--admin", admin, "--token-file", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "cannot read the admin token" in missing.stderr
+
     allowed = run_cli("tail", "--admin", admin, "--token-file", str(token), "--json")
     assert allowed.returncode == 0, allowed.stderr
     assert [json.loads(line)["request_id"] for line in allowed.stdout.splitlines()] == [
@@ -86,7 +89,7 @@ def test_one_tail_follows_every_worker(spawn: Callable[..., Proc], tmp_path: Pat
     times = [r["time"] for r in records]
     assert times == sorted(times)
     # following with --last N: the N most recent of all workers first, merged in time order
-    follower = subprocess.Popen(  # noqa: S603 (the project's own CLI)
+    follower = subprocess.Popen(
         [str(EXTSVC), "tail", "--admin", f"127.0.0.1:{proc.admin_port}", "-f", "--last", "5",
          "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
