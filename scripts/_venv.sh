@@ -32,9 +32,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
       [ -e "$example" ] && editables+=(-e "$(dirname "$example")")
     done
   fi
-  # pip's own progress lines, minus the noise of unreachable mirror locations
+  # pip's own progress lines, minus the noise of unreachable mirror locations, on stderr
+  # (stdout is the server's: its decision records)
   quiet() {
-    grep --line-buffered -vE '^WARNING: Location .* is ignored|^Requirement already satisfied|^Looking in|^Ignoring |^Obtaining |^ *(Checking if|Preparing|Building|Created wheel|Stored in|Attempting uninstall|Found existing|Uninstalling|Successfully uninstalled|Successfully built)|^$' || true
+    grep --line-buffered -vE '^WARNING: Location .* is ignored|^Requirement already satisfied|^Looking in|^Ignoring |^Obtaining |^ *(Checking if|Preparing|Building|Created wheel|Stored in|Attempting uninstall|Found existing|Uninstalling|Successfully uninstalled|Successfully built)|^$' >&2 || true
   }
   if [ -n "$latest" ]; then
     say "installing the newest allowed versions ($what) into $VENV"
