@@ -260,8 +260,8 @@ class DecisionLog:
         self._readers_gauge = metrics.decision_readers
         self._flusher: asyncio.Task[None] | None = None
         self._writer: threading.Thread | None = None
-        #: formatted batches for the writer thread: (bytes, records), None to stop
-        self._lines: queue.Queue[tuple[bytes, int] | None] = queue.Queue(MAX_BATCHES)
+        #: formatted batches of lines for the writer thread, None to stop
+        self._lines: queue.Queue[list[bytes] | None] = queue.Queue(MAX_BATCHES)
         self._throttle = LogThrottle()
 
     # --- the request path -----------------------------------------------------------------
@@ -356,29 +356,32 @@ class DecisionLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        data = b"".join(
+        lines = [
             json.dumps(r.as_dict(), ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
             for r in pending
-        )
+        ]
         try:
-            self._lines.put_nowait((data, len(pending)))
+            self._lines.put_nowait(lines)
         except queue.Full:  # the writer is stuck (stdout not read): drop, count
-            self._backlog.inc(len(pending))
+            self._backlog.inc(len(lines))
 
     def _write_loop(self) -> None:
         out = self._out if self._out is not None else sys.stdout.buffer
         while True:
-            item = self._lines.get()
-            if item is None:
+            lines = self._lines.get()
+            if lines is None:
                 return
-            data, count = item
+            written = 0
             try:
-                out.write(data)
-                out.flush()
+                for line in lines:
+                    # one write per line: with --workers every process writes to the same pipe,
+                    # and a write up to PIPE_BUF (4 KiB) is never interleaved with another's
+                    out.write(line)
+                    out.flush()
+                    written += 1
             except (OSError, ValueError) as exc:  # closed or full: count, never crash
-                self._backlog.inc(count)
+                self._backlog.inc(len(lines) - written)
                 held = self._throttle.allow("write")
                 if held is not None:
                     log.warning("decision log: writing to stdout failed: %s", exc)
-                continue
-            self._written.inc(count)
+            self._written.inc(written)

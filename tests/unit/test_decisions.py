@@ -168,3 +168,24 @@ def test_an_off_log_records_nothing_and_header_detail_is_redacted() -> None:
     log = DecisionLog(Metrics(), headers=("Authorization", "x-tenant", "x-absent"), stdout=False)
     detail = log.header_detail({"authorization": "Bearer s3cr3t", "x-tenant": "acme"})
     assert detail == (("authorization", "<redacted>"), ("x-tenant", "acme"))
+
+
+async def test_each_line_is_one_write_so_workers_sharing_a_pipe_never_interleave() -> None:
+    class Writes(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[bytes] = []
+
+        def write(self, data: object) -> int:
+            assert isinstance(data, bytes)
+            self.calls.append(data)
+            return super().write(data)
+
+    out = Writes()
+    log = DecisionLog(Metrics(), out=out)
+    log.start()
+    for i in range(3):
+        log.record(record(i, reason="x" * 300))
+    await log.stop()
+    assert len(out.calls) == 3
+    assert all(c.endswith(b"\n") and c.count(b"\n") == 1 and len(c) < 4096 for c in out.calls)
