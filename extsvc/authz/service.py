@@ -20,6 +20,7 @@ from extsvc.authz.convert import (
     to_check_context,
     to_check_response,
 )
+from extsvc.authz.pipeline import Outcome
 from extsvc.deadline import AnswerMargin
 from extsvc.grpcutil import UNKNOWN_POLICY_LABEL, call_authority, printable
 from extsvc.limits import Rejections, RequestLimits
@@ -28,7 +29,6 @@ from extsvc.observability.decisions import (
     DecisionLog,
     DecisionRecord,
     bounded,
-    route_path,
     trace_id_of,
 )
 from extsvc.observability.logging import LogThrottle, redact_headers
@@ -36,7 +36,7 @@ from extsvc.observability.metrics import Metrics
 from extsvc.plugin.check import Decision
 
 if TYPE_CHECKING:
-    from extsvc.authz.pipeline import CompiledPolicy, Outcome
+    from extsvc.authz.pipeline import CompiledPolicy
     from extsvc.observability.tracing import RpcSpan, StepTrace, Tracing
     from extsvc.plugin.check import CheckContext
     from extsvc.reload.runtime import RuntimeHolder
@@ -73,7 +73,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         self._holder = holder
         self._decisions = decisions if decisions is not None and decisions.active else None
         self._tracing = tracing
-        self._durations: dict[str, Any] = {}
+        self._durations = metrics.request_durations("ext_authz")
         self._handled_ok = metrics.hot(metrics.grpc_handled.labels("ext_authz", "Check", "OK"))
         self._handled_cancelled = metrics.hot(
             metrics.grpc_handled.labels("ext_authz", "Check", "CANCELLED")
@@ -176,10 +176,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 else:
                     self.margin.observe(0.0)
             latency = perf_counter() - started
-            duration = self._durations.get(name)
-            if duration is None:
-                duration = self._duration(name)
-            duration.observe(latency)
+            self._durations.get(name).observe(latency)
             if self._decisions is not None:
                 self._decisions.record(self._record(name, check, outcome, latency, span))
             if span is not None:
@@ -207,7 +204,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
 
     def _record(
         self, name: str, check: EnvoyCheckContext, outcome: Outcome, latency: float,
-        span: RpcSpan | None,
+        span: RpcSpan | None, detail: tuple[tuple[str, str], ...] | None = None,
     ) -> DecisionRecord:
         """The decision log's record of one answered Check. Built for every Check (by
         default): it reads the few headers it needs from the request's map, and decodes
@@ -233,7 +230,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
             path if len(path) <= MAX_FIELD else bounded(path),  # no query: CheckContext.path
             method if len(method) <= 16 else bounded(method, 16),
             check.source_address,
-            decisions.header_detail(check.headers) if decisions.headers else (),
+            detail if detail is not None
+            else decisions.header_detail(check.headers) if decisions.headers else (),
             decisions.worker,
         )
 
@@ -253,13 +251,6 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         if decision.reason:
             attributes["extsvc.reason"] = bounded(decision.reason)
         span.finish(attributes, error=decision.reason if outcome.label == "error" else "")
-
-    def _duration(self, name: str) -> Any:
-        """The request-duration histogram child of policy ``name`` (a configured name)."""
-        child = self._metrics.hot(self._metrics.request_duration.labels("ext_authz", name))
-        if len(self._durations) < 1024:
-            self._durations[name] = child
-        return child
 
     def _shed_outcome(self, policy: CompiledPolicy, check: CheckContext) -> Outcome:
         """A Check over ``max_inflight``: the policy's ``on_error`` answer, without its steps."""
@@ -281,17 +272,12 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
         unknown.inc()
         denied.inc()
         label = UNKNOWN_POLICY_LABEL if name else ""
-        (self._durations.get(label) or self._duration(label)).observe(latency)
+        self._durations.get(label).observe(latency)
         reason = "unknown policy" if name else "no policy chosen and no default_policy"
         if self._decisions is not None:
-            self._decisions.record(DecisionRecord(
-                self._decisions.clock(), "ext_authz", label, "deny", 403, "", reason, latency,
-                bounded(check.request_id, 128),
-                span.trace_id if span is not None else trace_id_of(check.header),
-                bounded(check.host, 256), route_path(check.path), bounded(check.method, 16),
-                check.source_address, (("policy", bounded(printable(name), 128)),) if name else (),
-                self._decisions.worker,
-            ))
+            outcome = Outcome(Decision.deny(403, reason=reason), "deny")
+            detail = (("policy", bounded(printable(name), 128)),) if name else ()
+            self._decisions.record(self._record(label, check, outcome, latency, span, detail))
         if span is not None:
             span.finish({"extsvc.policy": label, "extsvc.decision": "deny",
                          "extsvc.reason": reason, "extsvc.status": 403})

@@ -75,7 +75,7 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         self._shed = metrics.hot(metrics.shed.labels("ext_proc"))
         self._decisions = decisions if decisions is not None and decisions.active else None
         self._tracing = tracing
-        self._durations: dict[str, Any] = {}
+        self._durations = metrics.request_durations("ext_proc")
         self._refused = {
             code: metrics.hot(metrics.grpc_handled.labels("ext_proc", "Process", code))
             for code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
@@ -142,10 +142,11 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
                 for response in answers:
                     await write(response)
                 latency = perf_counter() - started
-                if duration is None:
-                    duration = durations.get(stream.policy_name)
-                    if duration is None:
-                        duration = self._duration(stream)
+                if duration is None:  # the policy is known once the first message is read
+                    duration = durations.get(
+                        UNKNOWN_POLICY_LABEL if stream.unknown_policy and stream.policy_name
+                        else stream.policy_name
+                    )
                 duration.observe(latency)
         except ProtocolError as exc:
             outcome = "protocol-error"
@@ -300,17 +301,6 @@ class ExternalProcessorService(external_processor_pb2_grpc.ExternalProcessorServ
         code = _OUTCOME_CODES.get(outcome, 0)
         span.finish(attributes, grpc_code=code,
                     error=outcome if outcome in ("protocol-error", "cancelled") else "")
-
-    def _duration(self, stream: ExtprocStream) -> Any:
-        """The request-duration child of the stream's policy (a configured name, "" or the
-        unknown one: never a name from a request)."""
-        name = UNKNOWN_POLICY_LABEL if stream.unknown_policy and stream.policy_name else (
-            stream.policy_name
-        )
-        child = self._metrics.hot(self._metrics.request_duration.labels("ext_proc", name))
-        if len(self._durations) < 1024 and not stream.unknown_policy:
-            self._durations[name] = child
-        return child
 
     def _bind(self, policy: str, outcome: str) -> tuple[Any, Any, Any, Any, Any]:
         """The metric children of one (policy, outcome), bound once (``labels()`` is not free).

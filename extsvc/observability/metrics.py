@@ -20,7 +20,7 @@ import os
 import platform
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -157,6 +157,30 @@ class _FlushFirst(Collector):
 
 #: The ``limit`` label value that stands for every request-derived value past the cap.
 OTHER_LABEL = "(other)"
+
+
+class ChildCache:
+    """Request-path children of one labelled metric, by a key, made on first use by ``make``.
+
+    For label values that come from the config (policy names, domains): at most ``max_entries``
+    are remembered, so even a bug that passed request values could not grow it without bound
+    (past it, children are still made, just not kept).
+    """
+
+    __slots__ = ("_children", "_make", "_max")
+
+    def __init__(self, make: Callable[[str], Any], max_entries: int = 1024) -> None:
+        self._make = make
+        self._max = max_entries
+        self._children: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        child = self._children.get(key)
+        if child is None:
+            child = self._make(key)
+            if len(self._children) < self._max:
+                self._children[key] = child
+        return child
 
 
 class Metrics:
@@ -432,6 +456,10 @@ class Metrics:
             )
             self._plugin_histograms[name] = histogram
         return histogram
+
+    def request_durations(self, service: str) -> ChildCache:
+        """``extsvc_request_duration_seconds`` children of ``service``, by policy (or domain)."""
+        return ChildCache(lambda policy: self.hot(self.request_duration.labels(service, policy)))
 
     def hot(self, child: Any) -> Any:
         """The request-path twin of a labelled Counter, Gauge or Histogram child (one per child)."""

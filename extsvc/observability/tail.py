@@ -16,13 +16,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
 
 from extsvc.admin.v1 import admin_pb2, admin_pb2_grpc
+from extsvc.observability.decisions import DecisionRecord, format_time
 
 #: outcomes counted as "denied" in ``top``'s ratio
 DENIED = frozenset({"deny", "over_limit", "immediate", "error", "unknown-policy", "protocol-error"})
@@ -101,22 +101,13 @@ async def watch(target: Target, query: Query) -> AsyncIterator[Any]:
 
 
 def decision_dict(decision: Any) -> dict[str, Any]:
-    """A ``Decision`` message as the decision log's JSON object."""
-    entry: dict[str, Any] = {
-        "time": _time(decision.time_unix_ms), "kind": "decision", "service": decision.service,
-        "policy": decision.policy, "outcome": decision.outcome, "status": decision.status,
-        "step": decision.step, "reason": decision.reason,
-        "latency_ms": round(decision.latency_ms, 3), "request_id": decision.request_id,
-        "trace_id": decision.trace_id, "authority": decision.authority, "path": decision.path,
-        "method": decision.method, "source": decision.source, "worker": decision.worker,
-    }
-    if decision.detail:
-        entry["detail"] = dict(sorted(decision.detail.items()))
-    return entry
-
-
-def _time(unix_ms: int) -> str:
-    return datetime.fromtimestamp(unix_ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """A ``Decision`` message as the decision log's JSON object (the server's own format)."""
+    return DecisionRecord(
+        decision.time_unix_ms / 1000, decision.service, decision.policy, decision.outcome,
+        decision.status, decision.step, decision.reason, decision.latency_ms / 1000,
+        decision.request_id, decision.trace_id, decision.authority, decision.path,
+        decision.method, decision.source, tuple(sorted(decision.detail.items())), decision.worker,
+    ).as_dict()
 
 
 def format_line(decision: Any, colour: bool) -> str:
@@ -125,7 +116,7 @@ def format_line(decision: Any, colour: bool) -> str:
     shown = outcome.upper()
     if colour and outcome in _COLOURS:
         shown = f"\033[{_COLOURS[outcome]}m{shown}\033[0m"
-    parts = [_time(decision.time_unix_ms), decision.service, decision.policy or "-", shown]
+    parts = [format_time(decision.time_unix_ms / 1000), decision.service, decision.policy or "-", shown]
     if decision.status:
         parts.append(str(decision.status))
     if decision.step:

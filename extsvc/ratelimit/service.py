@@ -65,7 +65,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         self._tracing = tracing
         self._log_values = decision_values
         self._span_values = tracing is not None and tracing.descriptor_values
-        self._durations: dict[str, Any] = {}
+        self._durations = metrics.request_durations("ratelimit")
         self._handled_by_code: dict[str, Any] = {}
         #: what is kept back from the RPC's deadline to send the answer (see AnswerMargin)
         self._margin = AnswerMargin(deadline_margin_s, deadline_margin_ratio)
@@ -121,10 +121,7 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             (self._over if over else self._ok).inc()
             latency = perf_counter() - started
             domain = request.domain if answer.note != "unknown-domain" else UNKNOWN_POLICY_LABEL
-            duration = self._durations.get(domain)
-            if duration is None:
-                duration = self._duration(domain)
-            duration.observe(latency)
+            self._durations.get(domain).observe(latency)
             decisions = self._decisions
             if decisions is not None and (over or decisions.everything):
                 decisions.record(self._record(request, answer, domain, latency, span))
@@ -201,13 +198,6 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             child = self._handled_by_code[code] = self._metrics.hot(
                 self._metrics.grpc_handled.labels("ratelimit", "ShouldRateLimit", code)
             )
-        return child
-
-    def _duration(self, domain: str) -> Any:
-        """The request-duration child of ``domain`` (a configured domain or the unknown one)."""
-        child = self._metrics.hot(self._metrics.request_duration.labels("ratelimit", domain))
-        if len(self._durations) < 1024:
-            self._durations[domain] = child
         return child
 
 
